@@ -1,0 +1,104 @@
+//! The command line: clap types, one thin handler per command, and the rendering of results
+//! and errors (text on stderr, `--output json` on stdout, exit codes as CLI.md says).
+
+mod dockerfile;
+mod lower;
+mod output;
+
+use clap::{Parser, Subcommand};
+use output::Out;
+pub use output::{CliError, Exit};
+use std::path::PathBuf;
+
+/// Kiln turns Dockerfiles and SDK image definitions into bootable root-disk snapshots for
+/// microVM sandboxes.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about, propagate_version = true)]
+pub struct Cli {
+    /// All local state: SQLite file, blobs, layers, snapshots.
+    #[arg(long, global = true, env = crate::envvars::KILN_HOME, value_name = "DIR")]
+    home: Option<PathBuf>,
+    /// The project every name is looked up in.
+    #[arg(long, global = true, env = crate::envvars::KILN_PROJECT, default_value = "default")]
+    project: String,
+    /// Output format: human text on stderr, or JSON on stdout.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
+    output: Format,
+    /// Same as `--output json`.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Print less (warnings are dropped).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Print more log (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Commands,
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Human text.
+    Text,
+    /// JSON on stdout.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Commands {
+    /// Dockerfile tools.
+    #[command(subcommand)]
+    Dockerfile(dockerfile::DockerfileCommand),
+    /// Print the IR of a Dockerfile or SDK definition as JSON.
+    Lower(lower::LowerArgs),
+}
+
+/// Runs the CLI and maps the outcome to an exit code.
+pub fn main() -> std::process::ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                Exit::BadInput
+            } else {
+                Exit::Ok
+            };
+            let _ = e.print();
+            return code.into();
+        }
+    };
+    init_tracing(cli.quiet, cli.verbose);
+    let format = if cli.json { Format::Json } else { cli.output };
+    let out = Out::new(format, cli.quiet);
+    let result = match &cli.command {
+        Commands::Dockerfile(cmd) => dockerfile::run(cmd, &out),
+        Commands::Lower(args) => lower::run(args, &out),
+    };
+    match result {
+        Ok(()) => Exit::Ok.into(),
+        Err(e) => {
+            out.error(&e);
+            e.exit.into()
+        }
+    }
+}
+
+fn init_tracing(quiet: bool, verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, 2) => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_env(crate::envvars::KILN_LOG)
+        .unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .try_init();
+}

@@ -1,0 +1,8 @@
+//! Every environment variable Kiln reads, in one place.
+
+/// All local state (`--home`).
+pub const KILN_HOME: &str = "KILN_HOME";
+/// The project names are looked up in (`--project`).
+pub const KILN_PROJECT: &str = "KILN_PROJECT";
+/// A `tracing` filter for logs on stderr (`-v` raises it).
+pub const KILN_LOG: &str = "KILN_LOG";

@@ -1,0 +1,5 @@
+//! Kiln: Dockerfiles and SDK image definitions to bootable root-disk snapshots.
+pub mod cli;
+pub mod envvars;
+pub mod frontend;
+pub mod ir;
