@@ -365,15 +365,9 @@ pub fn lower_dockerfile(
     l.casing_lint(&typed);
     l.split_stages(&typed)?;
     let target = l.target_index()?;
-    let order = l.build_order(target)?;
-    let mut lowered: BTreeMap<usize, Stage> = BTreeMap::new();
-    let mut origins = Vec::with_capacity(order.len());
-    for &i in &order {
-        let (stage, o) = l.lower_stage(i, &lowered)?;
-        lowered.insert(i, stage);
-        origins.push(o);
-    }
-    let stages: Vec<Stage> = order.iter().filter_map(|i| lowered.remove(i)).collect();
+    let (order, mut lowered) = l.lower_needed(target)?;
+    let (stages, origins): (Vec<Stage>, Vec<Vec<Origin>>) =
+        order.iter().filter_map(|i| lowered.remove(i)).unzip();
     let unused_build_args: Vec<String> = opts
         .build_args
         .keys()
@@ -384,10 +378,13 @@ pub fn lower_dockerfile(
     if l.checks.error
         && let Some(first) = l.lints.first()
     {
+        let more = match l.lints.len() - 1 {
+            0 => String::new(),
+            n => format!(" (and {n} more)"),
+        };
         let mut e = FrontendError::plain(format!(
-            "{} (and {} more): build checks are errors under `# check=error=true`",
-            first.message,
-            l.lints.len() - 1
+            "{}{more}: build checks are errors under `# check=error=true`",
+            first.message
         ));
         e.span = first.span;
         e.label = first.rule.to_string();
@@ -724,79 +721,103 @@ impl Lowerer<'_> {
         }
     }
 
-    /// Stages the target needs, dependencies first; cycles are errors.
-    fn build_order(&mut self, target: usize) -> Result<Vec<usize>, FrontendError> {
-        // COPY --from and RUN --mount from= name stages too; find them without lowering by
-        // expanding the flag with the global scope and the stage's own ARG defaults.
-        for i in 0..self.stages.len() {
-            let mut extra = Vec::new();
-            for t in &self.stages[i].commands {
-                for from in from_words(&t.command) {
-                    let env = self.global_env.clone();
-                    let v = self
-                        .lexer
-                        .process_word(&from, &env)
-                        .unwrap_or_else(|_| from.clone());
-                    if let CopyFrom::Stage { index } = self.resolve_from(&v) {
-                        extra.push(index);
-                    }
-                }
-            }
-            self.stages[i].deps.extend(extra);
-        }
+    /// Lowers the stages the target needs and returns their build order (dependencies
+    /// first). A stage's base is lowered before it (its config is inherited); the stages it
+    /// copies or mounts from are found in its IR and visited after it. Iterative, so a long
+    /// chain of stages cannot overflow the stack; a cycle is an error.
+    #[allow(clippy::type_complexity)]
+    fn lower_needed(
+        &mut self,
+        target: usize,
+    ) -> Result<(Vec<usize>, BTreeMap<usize, (Stage, Vec<Origin>)>), FrontendError> {
         #[derive(Clone, Copy, PartialEq)]
         enum Mark {
             New,
             Active,
             Done,
         }
+        struct Frame {
+            stage: usize,
+            deps: Option<Vec<usize>>,
+            next: usize,
+        }
         let mut marks = vec![Mark::New; self.stages.len()];
+        let mut lowered: BTreeMap<usize, (Stage, Vec<Origin>)> = BTreeMap::new();
         let mut order = Vec::new();
-        // Iterative DFS: (stage, next dep position).
-        let mut stack: Vec<(usize, usize)> = vec![(target, 0)];
+        let mut stack = vec![Frame {
+            stage: target,
+            deps: None,
+            next: 0,
+        }];
         marks[target] = Mark::Active;
-        while let Some(&mut (s, ref mut pos)) = stack.last_mut() {
-            if let Some(&d) = self.stages[s].deps.get(*pos) {
-                *pos += 1;
-                match marks[d] {
-                    Mark::New => {
-                        marks[d] = Mark::Active;
-                        stack.push((d, 0));
+        while let Some(top) = stack.last_mut() {
+            let s = top.stage;
+            let next_dep = match &top.deps {
+                None => {
+                    // Before lowering: the base stage must be done.
+                    if let Base::Stage { index: b } = self.stages[s].base
+                        && marks[b] != Mark::Done
+                    {
+                        Some(b)
+                    } else {
+                        let parent = match self.stages[s].base {
+                            Base::Stage { index } => lowered.get(&index).map(|(p, _)| &p.config),
+                            Base::Scratch | Base::Image { .. } => None,
+                        };
+                        let (stage, origins) = self.lower_stage(s, parent.cloned())?;
+                        top.deps = Some(stage_deps(&stage));
+                        lowered.insert(s, (stage, origins));
+                        continue;
                     }
-                    Mark::Active => {
-                        let name = self.stages[d].name.clone().unwrap_or_else(|| d.to_string());
-                        return Err(FrontendError::at(
-                            format!("circular dependency detected on stage: {name}"),
-                            self.stages[s].from.span,
-                        )
-                        .with_help(
-                            "a stage cannot depend on itself through FROM or --from".into(),
-                        ));
-                    }
-                    Mark::Done => {}
                 }
-            } else {
-                marks[s] = Mark::Done;
-                order.push(s);
-                stack.pop();
+                Some(deps) => {
+                    let d = deps.get(top.next).copied();
+                    top.next += 1;
+                    match d {
+                        Some(d) => Some(d),
+                        None => {
+                            marks[s] = Mark::Done;
+                            order.push(s);
+                            stack.pop();
+                            continue;
+                        }
+                    }
+                }
+            };
+            let Some(d) = next_dep else { continue };
+            match marks[d] {
+                Mark::New => {
+                    marks[d] = Mark::Active;
+                    stack.push(Frame {
+                        stage: d,
+                        deps: None,
+                        next: 0,
+                    });
+                }
+                Mark::Active => {
+                    let name = self.stages[d].name.clone().unwrap_or_else(|| d.to_string());
+                    return Err(FrontendError::at(
+                        format!("circular dependency detected on stage: {name}"),
+                        self.stages[s].from.span,
+                    )
+                    .with_help("a stage cannot depend on itself through FROM or --from".into()));
+                }
+                Mark::Done => {}
             }
         }
-        Ok(order)
+        Ok((order, lowered))
     }
 
     fn lower_stage(
         &mut self,
         index: usize,
-        done: &BTreeMap<usize, Stage>,
+        parent_config: Option<ImageConfig>,
     ) -> Result<(Stage, Vec<Origin>), FrontendError> {
         let base = self.stages[index].base.clone();
         let base_config = match &base {
             Base::Scratch => ImageConfig::default(),
             Base::Image { reference } => self.bases.config(reference).unwrap_or_default(),
-            Base::Stage { index } => done
-                .get(index)
-                .map(|s| s.config.clone())
-                .unwrap_or_default(),
+            Base::Stage { .. } => parent_config.unwrap_or_default(),
         };
         let proxies: Vec<(String, String)> = self
             .opts
@@ -806,30 +827,40 @@ impl Lowerer<'_> {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let mut st = StageState::new(base_config, proxies);
-        // The base's ONBUILD triggers run first, then are cleared.
-        let triggers = std::mem::take(&mut st.config.onbuild);
-        let mut commands: Vec<Typed> = Vec::new();
-        for trigger in &triggers {
-            let parsed = super::dockerfile::parse(trigger).map_err(|e| {
-                FrontendError::plain(format!(
-                    "invalid ONBUILD trigger {trigger:?} in the base image: {e}"
-                ))
-            })?;
-            for ins in &parsed.instructions {
-                commands.push(parse_instruction(ins).map_err(|e| {
-                    FrontendError::plain(format!(
-                        "invalid ONBUILD trigger {trigger:?} in the base image: {}",
-                        e.message
-                    ))
-                })?);
-            }
-        }
-        commands.extend(self.stages[index].commands.iter().cloned());
         let mut counts: BTreeMap<&'static str, u32> = BTreeMap::new();
         let mut workdir_set = false;
+        // The base's ONBUILD triggers run first, then are cleared. They come from another
+        // text than this Dockerfile, so their errors and findings point at this FROM.
+        let from = self.stages[index].from.clone();
+        let triggers = std::mem::take(&mut st.config.onbuild);
+        for trigger in &triggers {
+            let in_trigger = |e: String| {
+                FrontendError::at(
+                    format!("ONBUILD trigger {trigger:?} of the base image: {e}"),
+                    from.span,
+                )
+                .with_label("the base image's trigger runs here")
+            };
+            let parsed =
+                super::dockerfile::parse(trigger).map_err(|e| in_trigger(e.to_string()))?;
+            for ins in &parsed.instructions {
+                let mut t = parse_instruction(ins).map_err(|e| in_trigger(e.message))?;
+                t.line = from.line;
+                let first_lint = self.lints.len();
+                self.dispatch(&mut st, &t, &mut counts, &mut workdir_set)
+                    .map_err(|e| in_trigger(e.message))?;
+                for l in &mut self.lints[first_lint..] {
+                    l.span = Some(from.span);
+                    l.line = from.line;
+                }
+            }
+        }
+        // Taken out for the loop (dispatch needs `&mut self`); an error ends lowering anyway.
+        let commands = std::mem::take(&mut self.stages[index].commands);
         for t in &commands {
             self.dispatch(&mut st, t, &mut counts, &mut workdir_set)?;
         }
+        self.stages[index].commands = commands;
         let raw = &self.stages[index];
         let stage = Stage {
             index,
@@ -1418,27 +1449,38 @@ fn is_platform_arg(k: &str) -> bool {
     platform_args("linux/amd64").iter().any(|(n, _)| n == k)
 }
 
-/// The `--from`/`from=` words of a command (raw), for the dependency graph.
-fn from_words(cmd: &Cmd) -> Vec<String> {
-    match cmd {
-        Cmd::Copy(c) => c.from.iter().map(|f| f.value.clone()).collect(),
-        Cmd::Run(r) => r
-            .mounts
-            .iter()
-            .filter_map(|m| {
-                split_csv(&m.value).ok()?.into_iter().find_map(|f| {
-                    let (k, v) = f.split_once('=')?;
-                    (k.eq_ignore_ascii_case("from")).then(|| v.to_string())
-                })
-            })
-            .collect(),
-        Cmd::Onbuild { trigger, .. } => {
-            // Triggers run in the child, not here.
-            let _ = trigger;
-            Vec::new()
-        }
-        _ => Vec::new(),
+/// The stages a lowered stage reads from: its base, `COPY --from`, `RUN --mount from=`.
+fn stage_deps(stage: &Stage) -> Vec<usize> {
+    let mut deps = Vec::new();
+    if let Base::Stage { index } = stage.base {
+        deps.push(index);
     }
+    for op in &stage.steps {
+        match op {
+            Op::Copy(c) => {
+                if let Some(CopyFrom::Stage { index }) = c.from {
+                    deps.push(index);
+                }
+            }
+            Op::Run(r) => {
+                for m in &r.mounts {
+                    if let Mount::Bind {
+                        from: Some(CopyFrom::Stage { index }),
+                        ..
+                    }
+                    | Mount::Cache {
+                        from: Some(CopyFrom::Stage { index }),
+                        ..
+                    } = m
+                    {
+                        deps.push(*index);
+                    }
+                }
+            }
+            Op::Add(_) | Op::Env { .. } | Op::Workdir { .. } | Op::User { .. } => {}
+        }
+    }
+    deps
 }
 
 /// BuildKit's stage-name grammar, on the lower-cased name.
