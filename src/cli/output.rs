@@ -59,31 +59,30 @@ impl CliError {
         }
     }
 
-    /// A file that cannot be read.
-    pub fn unreadable(path: &std::path::Path, e: &std::io::Error) -> Self {
-        let message = format!("cannot read {}: {e}", path.display());
-        CliError {
-            exit: Exit::BadInput,
-            code: "unreadable_input",
-            report: miette::miette!("{message}"),
-            message,
-            hint: None,
-        }
-    }
-
-    /// Bad usage.
-    pub fn usage(message: String, hint: Option<String>) -> Self {
+    /// Any failure: exit code, stable code string, message and optional hint.
+    pub fn new(exit: Exit, code: &'static str, message: String, hint: Option<String>) -> Self {
         let report = match &hint {
             Some(h) => miette::miette!(help = h.clone(), "{message}"),
             None => miette::miette!("{message}"),
         };
         CliError {
-            exit: Exit::BadInput,
-            code: "usage",
+            exit,
+            code,
             report,
             message,
             hint,
         }
+    }
+
+    /// A file that cannot be read.
+    pub fn unreadable(path: &std::path::Path, e: &std::io::Error) -> Self {
+        let message = format!("cannot read {}: {e}", path.display());
+        CliError::new(Exit::BadInput, "unreadable_input", message, None)
+    }
+
+    /// Bad usage.
+    pub fn usage(message: String, hint: Option<String>) -> Self {
+        CliError::new(Exit::BadInput, "usage", message, hint)
     }
 }
 
@@ -123,13 +122,12 @@ impl Out {
         };
         match written.and_then(|()| stdout.flush()) {
             // A closed pipe (`kiln … | head`) is not a failure.
-            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(CliError {
-                exit: Exit::Environment,
-                code: "io",
-                report: miette::miette!("cannot write output: {e}"),
-                message: format!("cannot write output: {e}"),
-                hint: None,
-            }),
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(CliError::new(
+                Exit::Environment,
+                "io",
+                format!("cannot write output: {e}"),
+                None,
+            )),
             _ => Ok(()),
         }
     }
