@@ -2,4 +2,6 @@
 pub mod cli;
 pub mod envvars;
 pub mod frontend;
+pub mod fs;
+pub mod home;
 pub mod ir;

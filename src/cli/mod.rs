@@ -6,8 +6,7 @@ mod lower;
 mod output;
 
 use clap::{Parser, Subcommand};
-use output::Out;
-pub use output::{CliError, Exit};
+pub use output::{CliError, Exit, Out};
 use std::path::PathBuf;
 
 /// Kiln turns Dockerfiles and SDK image definitions into bootable root-disk snapshots for
@@ -71,17 +70,60 @@ pub fn main() -> std::process::ExitCode {
     };
     init_tracing(cli.quiet, cli.verbose);
     let format = if cli.json { Format::Json } else { cli.output };
-    let out = Out::new(format, cli.quiet);
+    let ctx = Ctx {
+        out: Out::new(format, cli.quiet),
+        home: cli.home.clone(),
+        project: cli.project.clone(),
+    };
     let result = match &cli.command {
-        Commands::Dockerfile(cmd) => dockerfile::run(cmd, &out),
-        Commands::Lower(args) => lower::run(args, &out),
+        Commands::Dockerfile(cmd) => dockerfile::run(cmd, &ctx.out),
+        Commands::Lower(args) => lower::run(args, &ctx.out),
     };
     match result {
         Ok(()) => Exit::Ok.into(),
         Err(e) => {
-            out.error(&e);
+            ctx.out.error(&e);
             e.exit.into()
         }
+    }
+}
+
+/// What every command handler gets: output, the home and the project.
+pub struct Ctx {
+    /// Where results and errors go.
+    pub out: Out,
+    home: Option<PathBuf>,
+    /// The project names are looked up in.
+    pub project: String,
+}
+
+impl Ctx {
+    /// The home (`--home`, `KILN_HOME`, XDG default).
+    pub fn home(&self) -> Result<crate::home::Home, CliError> {
+        crate::home::Home::resolve(self.home.as_deref()).map_err(|e| {
+            CliError::new(
+                Exit::Environment,
+                "no_home",
+                e.to_string(),
+                Some("pass --home DIR or set KILN_HOME".into()),
+            )
+        })
+    }
+
+    /// Runs a future to completion on a fresh multi-threaded runtime.
+    pub fn block_on<F: std::future::Future>(&self, fut: F) -> Result<F::Output, CliError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                CliError::new(
+                    Exit::Environment,
+                    "runtime",
+                    format!("cannot start the async runtime: {e}"),
+                    None,
+                )
+            })?;
+        Ok(rt.block_on(fut))
     }
 }
 
