@@ -53,6 +53,16 @@ fn to_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
+/// 1-based line and column (in characters) of a byte offset in `src`, for rendering.
+pub fn line_col(src: &str, offset: u32) -> (u32, u32) {
+    let offset = (offset as usize).min(src.len());
+    let before = src.get(..offset).unwrap_or(src);
+    let line = before.bytes().filter(|&b| b == b'\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let col = before[line_start..].chars().count() + 1;
+    (to_u32(line), to_u32(col))
+}
+
 /// A parser directive from the head of the file (`# escape=`, `# syntax=`, `# check=`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Directive {
@@ -342,6 +352,14 @@ mod tests {
         assert_eq!(go_quote("♥é한국어😀"), "\"♥é한국어😀\"");
         assert_eq!(go_quote("\u{e000}\u{10ffff}"), r#""\ue000\U0010ffff""#);
         assert_eq!(go_quote("\u{85}"), r#""\u0085""#);
+    }
+
+    #[test]
+    fn line_col_counts_characters() {
+        let src = "FROM a\nRUN é x\n";
+        assert_eq!(line_col(src, 0), (1, 1));
+        assert_eq!(line_col(src, 7), (2, 1));
+        assert_eq!(line_col(src, 14), (2, 7));
     }
 
     #[test]

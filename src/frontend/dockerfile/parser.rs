@@ -1024,6 +1024,25 @@ mod tests {
     }
 
     #[test]
+    fn bom_and_crlf_parse_like_plain_lf() {
+        let plain = d("FROM a\nRUN b \\\n  c\n");
+        assert_eq!(d("\u{feff}FROM a\r\nRUN b \\\r\n  c\r\n"), plain);
+        let f = parse("\u{feff}FROM a\r\n").expect("parses");
+        assert_eq!(f.instructions[0].keyword_span, Span::new(3, 7));
+    }
+
+    #[test]
+    fn crlf_heredoc_keeps_its_line_endings() {
+        let f = parse("RUN <<EOF\r\nx\r\nEOF\r\n").expect("parses");
+        assert_eq!(f.instructions[0].heredocs[0].content, "x\r\n");
+    }
+
+    #[test]
+    fn unknown_instructions_parse_with_an_empty_argument() {
+        assert_eq!(d("FROM a\nFOO bar baz\n"), "(from \"a\")\n(foo \"\")\n");
+    }
+
+    #[test]
     fn escape_directive_changes_continuation() {
         assert_eq!(d("# escape=`\nRUN a`\n b\n"), "(run \"a b\")\n");
         assert!(parse("# escape=x\nFROM a\n").is_err());
