@@ -5,15 +5,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages. Nothing beyond Rust is needed yet; later suites add theirs here.
-need_pkgs=()
-if ((${#need_pkgs[@]})); then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}"
-  else
-    echo "test.sh: run as root (or install: ${need_pkgs[*]})" >&2
+# System packages the tests use (they fail loudly when one is missing; this installs them).
+need_pkgs=(golang-go golang-github-moby-patternmatcher-dev)
+missing=()
+for p in "${need_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" != 0 ]; then
+    echo "test.sh: run as root, or install: ${missing[*]}" >&2
     exit 5
   fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 "${missing[@]}"
 fi
 
 if [ ! -f ../shared/conformance/buildkit/README.md ] && [ -z "${KILN_CONFORMANCE_DIR:-}" ]; then

@@ -1,7 +1,10 @@
 //! Kiln: Dockerfiles and SDK image definitions to bootable root-disk snapshots.
+pub mod build;
 pub mod cli;
 pub mod envvars;
 pub mod frontend;
 pub mod fs;
 pub mod home;
 pub mod ir;
+pub mod registry;
+pub mod snapshot;

@@ -1,0 +1,5 @@
+//! The builder side: build context and `.dockerignore`, step cache keys, drivers.
+//!
+//! Depends on `ir` and the OS only; knows no registry and no snapshot format.
+
+pub mod dockerignore;
