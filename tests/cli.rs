@@ -70,8 +70,7 @@ fn dockerfile_ast_exits_2_with_a_located_error_on_negative_cases() {
 }
 
 fn masked(r: Run) -> String {
-    r.to_string()
-        .replace(env!("CARGO_MANIFEST_DIR"), "[repo]")
+    r.to_string().replace(env!("CARGO_MANIFEST_DIR"), "[repo]")
 }
 
 #[test]
@@ -102,8 +101,11 @@ fn lower_multistage_with_target_and_build_arg() {
 fn lower_prints_lints_and_unused_build_args_on_stderr() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("Dockerfile");
-    std::fs::write(&file, "FROM kiln/busybox as Build\nMAINTAINER me\nCMD echo hi\n")
-        .expect("write");
+    std::fs::write(
+        &file,
+        "FROM kiln/busybox as Build\nMAINTAINER me\nCMD echo hi\n",
+    )
+    .expect("write");
     let r = kiln(&[
         "lower",
         file.to_str().expect("path"),
@@ -111,7 +113,10 @@ fn lower_prints_lints_and_unused_build_args_on_stderr() {
         "NOPE=1",
     ]);
     assert_eq!(r.code, 0, "{r}");
-    insta::assert_snapshot!(r.stderr.replace(file.to_str().expect("path"), "[Dockerfile]"));
+    insta::assert_snapshot!(
+        r.stderr
+            .replace(file.to_str().expect("path"), "[Dockerfile]")
+    );
 }
 
 #[test]
@@ -128,7 +133,10 @@ fn lower_error_in_json_mode_is_an_error_object_on_stdout() {
         "unknown instruction: RUNN (did you mean RUN?)"
     );
     assert_eq!(v["error"]["hint"], "did you mean `RUN`?");
-    insta::assert_snapshot!(r.stderr.replace(file.to_str().expect("path"), "[Dockerfile]"));
+    insta::assert_snapshot!(
+        r.stderr
+            .replace(file.to_str().expect("path"), "[Dockerfile]")
+    );
 }
 
 #[test]
@@ -160,11 +168,19 @@ fn bad_sdk_json_names_the_path() {
         r#"{"base_image": "kiln/busybox", "operations": [{"op": "RUN", "args": ["true"]}, {"op": "COPY", "args": ["a", "/b"], "options": {"chmode": "755"}}]}"#,
     )
     .expect("write");
-    let r = kiln(&["lower", "--sdk-json", file.to_str().expect("path"), "--json"]);
+    let r = kiln(&[
+        "lower",
+        "--sdk-json",
+        file.to_str().expect("path"),
+        "--json",
+    ]);
     assert_eq!(r.code, 2, "{r}");
     let v: serde_json::Value = serde_json::from_str(&r.stdout).expect("json error");
     let msg = v["error"]["message"].as_str().expect("message");
-    assert!(msg.contains("operations[1]") && msg.contains("chmode"), "{msg}");
+    assert!(
+        msg.contains("operations[1]") && msg.contains("chmode"),
+        "{msg}"
+    );
 }
 
 #[test]
