@@ -6,3 +6,5 @@ pub const KILN_HOME: &str = "KILN_HOME";
 pub const KILN_PROJECT: &str = "KILN_PROJECT";
 /// A `tracing` filter for logs on stderr (`-v` raises it).
 pub const KILN_LOG: &str = "KILN_LOG";
+/// Reproducible builds' clock: the superblock time of a snapshot, and the newest mtime in it.
+pub const SOURCE_DATE_EPOCH: &str = "SOURCE_DATE_EPOCH";

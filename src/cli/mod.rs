@@ -2,8 +2,11 @@
 //! and errors (text on stderr, `--output json` on stdout, exit codes as CLI.md says).
 
 mod dockerfile;
+mod gc;
+mod image;
 mod lower;
 mod output;
+mod snapshot;
 
 use clap::{Parser, Subcommand};
 pub use output::{CliError, Exit, Out};
@@ -52,6 +55,14 @@ enum Commands {
     Dockerfile(dockerfile::DockerfileCommand),
     /// Print the IR of a Dockerfile or SDK definition as JSON.
     Lower(lower::LowerArgs),
+    /// Snapshots: ext4 root disks made from a root tree.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
+    /// Registered images: names that sandboxes launch from.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
+    /// Remove unreferenced snapshots and what interrupted runs left behind.
+    Gc(gc::GcArgs),
 }
 
 /// Runs the CLI and maps the outcome to an exit code.
@@ -78,6 +89,9 @@ pub fn main() -> std::process::ExitCode {
     let result = match &cli.command {
         Commands::Dockerfile(cmd) => dockerfile::run(cmd, &ctx.out),
         Commands::Lower(args) => lower::run(args, &ctx.out),
+        Commands::Snapshot(cmd) => snapshot::run(cmd, &ctx),
+        Commands::Image(cmd) => image::run(cmd, &ctx),
+        Commands::Gc(args) => gc::run(args, &ctx),
     };
     match result {
         Ok(()) => Exit::Ok.into(),
