@@ -2,4 +2,5 @@
 //!
 //! Depends on `ir` and the OS only; knows no registry and no snapshot format.
 
+pub mod context;
 pub mod dockerignore;
