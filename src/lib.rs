@@ -6,5 +6,6 @@ pub mod frontend;
 pub mod fs;
 pub mod home;
 pub mod ir;
+pub mod oci;
 pub mod registry;
 pub mod snapshot;
