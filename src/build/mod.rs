@@ -3,4 +3,5 @@
 //! Depends on `ir` and the OS only; knows no registry and no snapshot format.
 
 pub mod context;
+pub mod copy;
 pub mod dockerignore;
