@@ -2,6 +2,7 @@
 //!
 //! Depends on `ir` and the OS only; knows no registry and no snapshot format.
 
+pub mod cache;
 pub mod context;
 pub mod copy;
 pub mod dockerignore;
