@@ -37,9 +37,9 @@ pub enum SnapshotCommand {
     Export {
         /// The snapshot id.
         snapshot: String,
-        /// The tar to write.
-        #[arg(short, long, value_name = "FILE.tar")]
-        output: PathBuf,
+        /// The tar to write (`-o`; the long form is not `--output`, which is the format).
+        #[arg(short = 'o', long = "out", value_name = "FILE.tar")]
+        out: PathBuf,
     },
 }
 
@@ -220,7 +220,10 @@ async fn run_async(cmd: &SnapshotCommand, ctx: &Ctx) -> Result<(), CliError> {
                 &json!({"snapshot_id": rec.id.as_str(), "removed": true}),
             )
         }
-        SnapshotCommand::Export { snapshot, output } => {
+        SnapshotCommand::Export {
+            snapshot,
+            out: output,
+        } => {
             let reg = open_registry(ctx).await?;
             let rec = reg.snapshot(snapshot).await?;
             let uri = match &rec.state {

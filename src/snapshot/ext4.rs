@@ -169,7 +169,15 @@ pub fn identity(tree: &Tree, epoch: Option<i64>) -> ([u8; 16], [u32; 4]) {
             h.update(v);
         }
     }
-    fn dir(h: &mut Sha256, tree: &Tree, d: &Dir, epoch: Option<i64>) {
+    // Inodes are named by the order of their first name in the walk, not by their index in
+    // the tree, so a directory and a tar of the same tree (read in different orders) agree.
+    fn dir(
+        h: &mut Sha256,
+        tree: &Tree,
+        d: &Dir,
+        epoch: Option<i64>,
+        ordinal: &mut std::collections::HashMap<usize, u64>,
+    ) {
         meta(h, &clamped(&d.meta, epoch));
         xattrs(h, &d.xattrs);
         h.update((d.entries.len() as u64).to_le_bytes());
@@ -179,12 +187,14 @@ pub fn identity(tree: &Tree, epoch: Option<i64>) -> ([u8; 16], [u32; 4]) {
             match node {
                 Node::Dir(i) => {
                     h.update(b"d");
-                    dir(h, tree, &tree.dirs[*i], epoch);
+                    dir(h, tree, &tree.dirs[*i], epoch, ordinal);
                 }
                 Node::Link(i) => {
                     let ino = &tree.inodes[*i];
+                    let next = ordinal.len() as u64;
+                    let n = *ordinal.entry(*i).or_insert(next);
                     h.update(b"i");
-                    h.update((*i as u64).to_le_bytes());
+                    h.update(n.to_le_bytes());
                     meta(h, &clamped(&ino.meta, epoch));
                     xattrs(h, &ino.xattrs);
                     match &ino.kind {
@@ -219,7 +229,7 @@ pub fn identity(tree: &Tree, epoch: Option<i64>) -> ([u8; 16], [u32; 4]) {
         }
     }
     h.update(epoch.unwrap_or(i64::MIN).to_le_bytes());
-    dir(&mut h, tree, &tree.dirs[0], epoch);
+    dir(&mut h, tree, &tree.dirs[0], epoch, &mut Default::default());
     let d = h.finalize();
     let mut uuid = [0u8; 16];
     uuid.copy_from_slice(&d[..16]);
