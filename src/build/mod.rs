@@ -3,6 +3,11 @@
 //! Depends on `ir` and the OS only; knows no registry and no snapshot format.
 
 pub mod cache;
+pub mod cgroup;
 pub mod context;
 pub mod copy;
 pub mod dockerignore;
+pub mod driver;
+pub mod executor;
+pub mod overlay;
+pub mod sys;
