@@ -639,3 +639,72 @@ fn gc_removes_stray_files_partial_disks_and_dead_pending_rows() {
         "Pending"
     );
 }
+
+/// `kiln` in text mode, with ids, digests, times and the home masked.
+fn text(f: &Fixture, project: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--home")
+        .arg(&f.home)
+        .args(["--project", project])
+        .args(args)
+        .env_remove("KILN_LOG")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("kiln runs");
+    let raw = format!(
+        "$ kiln {}\nexit: {}\n{}{}",
+        args.join(" "),
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let home = f.home.display().to_string();
+    let masks = [
+        (r"snap_[0-9A-Z]{26}", "snap_[ID]"),
+        (r"img_[0-9A-Z]{26}", "img_[ID]"),
+        (r"[0-9a-f]{64}", "[SHA256]"),
+        (r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z", "[TIME]"),
+    ];
+    let mut s = raw.replace(&home, "[HOME]");
+    for (re, with) in masks {
+        s = regex::Regex::new(re)
+            .expect("regex")
+            .replace_all(&s, with)
+            .into_owned();
+    }
+    s
+}
+
+#[test]
+fn text_output_of_names_and_their_errors_reads_well() {
+    let f = fixture();
+    let (s1, s2) = (f.snap("1"), f.snap("2"));
+    let mut all = String::new();
+    for (project, args) in [
+        ("web", vec!["image", "register", "site", s1.as_str()]),
+        ("web", vec!["image", "register", "site", s2.as_str()]),
+        (
+            "web",
+            vec!["image", "register", "shared", s1.as_str(), "--public"],
+        ),
+        (
+            "api",
+            vec!["image", "register", "shared", s2.as_str(), "--public"],
+        ),
+        ("api", vec!["image", "ls"]),
+        ("web", vec!["image", "describe", "site"]),
+        ("web", vec!["image", "history", "site"]),
+        ("web", vec!["image", "update", "site", "--memory-mb", "100"]),
+        ("web", vec!["image", "register", "Bad_Name", s1.as_str()]),
+        (
+            "web",
+            vec!["image", "register", "x", "snap_01J00000000000000000000000"],
+        ),
+        ("api", vec!["image", "describe", "site"]),
+        ("web", vec!["image", "rm", "site"]),
+    ] {
+        all.push_str(&text(&f, project, &args));
+        all.push('\n');
+    }
+    insta::assert_snapshot!(all);
+}

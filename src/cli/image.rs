@@ -198,7 +198,7 @@ async fn run_async(cmd: &ImageCommand, ctx: &Ctx) -> Result<(), CliError> {
                 .map(|i| {
                     let scope = if i.public { "public" } else { "private" };
                     format!(
-                        "{}  {}/{}  {}  {}  {}\n",
+                        "{}  {}  {}  {}  {}  {}\n",
                         i.name,
                         i.project,
                         scope,

@@ -155,6 +155,9 @@ impl Tree {
             let p = p.to_path_buf();
             move |source| SnapshotError::ReadTree { path: p, source }
         };
+        // The root itself may be a symlink to the tree: follow it (and only it).
+        let real = std::fs::canonicalize(root).map_err(read(root))?;
+        let root = real.as_path();
         let md = std::fs::symlink_metadata(root).map_err(read(root))?;
         let mut tree = Tree {
             source: Source::Dir(root.to_path_buf()),
@@ -304,15 +307,15 @@ impl Tree {
             }
             xattrs.sort();
             let meta = Meta { mtime, ..meta };
-            if parts.is_empty() {
+            let Some((name, parents)) = parts.split_last() else {
+                // `./` (or `/`): the root directory's own metadata.
                 if et.is_dir() {
                     tree.dirs[0].meta = meta;
                     tree.dirs[0].xattrs = xattrs;
                     continue;
                 }
                 return Err(unsupported(&raw, "the root must be a directory"));
-            }
-            let (name, parents) = parts.split_last().expect("parts is not empty");
+            };
             let parent = tree.mkdir_p(parents, &raw)?;
             let node = match et {
                 tar::EntryType::Directory => {
