@@ -583,14 +583,14 @@ fn a_scratch_base_runs_a_static_binary() {
 fn a_stack_longer_than_a_mount_option_page_mounts() {
     let t = tempfile::tempdir_in("/tmp").unwrap();
     let mut lowers: Vec<PathBuf> = Vec::new();
-    for i in 0..200 {
+    for i in 0..overlay::MAX_LOWERS {
         let l = t.path().join(format!("{}-{i:03}", "layer".repeat(16)));
         std::fs::create_dir(&l).unwrap();
         std::fs::write(l.join(format!("f{i}")), i.to_string()).unwrap();
         std::fs::write(l.join("top"), i.to_string()).unwrap();
         lowers.push(l);
     }
-    lowers.reverse(); // top first: layer 199 on top
+    lowers.reverse(); // top first: layer 499 on top
     let total: usize = lowers.iter().map(|l| l.as_os_str().len() + 1).sum();
     assert!(total > 4096);
     assert!(matches!(
@@ -611,7 +611,7 @@ fn a_stack_longer_than_a_mount_option_page_mounts() {
     .unwrap();
     assert_eq!(
         std::fs::read_to_string(t.path().join("m/top")).unwrap(),
-        "199"
+        "499"
     );
     assert_eq!(std::fs::read_to_string(t.path().join("m/f0")).unwrap(), "0");
     m.unmount().unwrap();

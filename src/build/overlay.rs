@@ -10,12 +10,13 @@
 //! self-contained: renamed lower directories are copied, not recorded as redirects.
 //!
 //! Long stacks. The classic `mount(2)` data string is limited to one page (4096 bytes,
-//! terminator included), so `lowerdir=a:b:…` fits only about 4000 bytes of paths: 50 lowers
-//! of 80-byte paths, 26 of 150 bytes. The new mount API has no such limit: each lower is a
-//! separate `fsconfig(…, "lowerdir+", path)` call (Linux 6.8+), so a stack is limited only by
-//! overlayfs's own maximum of 500 layers ([`MAX_LOWERS`]; measured on this host's 6.18
-//! kernel: 500 mount, 501 fail with EINVAL). [`mount`] uses `lowerdir+` and falls back to the
-//! classic string (error [`OverlayError::OptionsTooLong`] when it does not fit) on kernels
+//! terminator included), so `lowerdir=a:b:…` fits only about 4000 bytes of paths (computed:
+//! 50 lowers of 80-byte paths, 26 of 150 bytes). The new mount API has no such limit: each
+//! lower is a separate `fsconfig(…, "lowerdir+", path)` call (Linux 6.8+), so a stack is
+//! limited only by overlayfs's own maximum of 500 layers ([`MAX_LOWERS`], the kernel's
+//! `OVL_MAX_STACK`; `tests/namespace.rs` mounts 500 lowers of about 100-byte paths, 50 KB of paths,
+//! on this host's 6.18 kernel). [`mount`] uses `lowerdir+` and falls back to the classic string
+//! (error [`OverlayError::OptionsTooLong`] when it does not fit) on kernels
 //! without it; a caller with more than [`MAX_LOWERS`] layers has to flatten some first.
 
 use super::sys;
