@@ -8,3 +8,9 @@ pub const KILN_PROJECT: &str = "KILN_PROJECT";
 pub const KILN_LOG: &str = "KILN_LOG";
 /// Reproducible builds' clock: the superblock time of a snapshot, and the newest mtime in it.
 pub const SOURCE_DATE_EPOCH: &str = "SOURCE_DATE_EPOCH";
+/// Registries spoken to over plain HTTP besides loopback ones (comma list of `HOST[:PORT]`).
+pub const KILN_INSECURE_REGISTRIES: &str = "KILN_INSECURE_REGISTRIES";
+/// The most bytes one base-image layer may unpack to (decompression-bomb limit).
+pub const KILN_MAX_LAYER_BYTES: &str = "KILN_MAX_LAYER_BYTES";
+/// The directory of the docker `config.json` registry credentials are read from.
+pub const DOCKER_CONFIG: &str = "DOCKER_CONFIG";

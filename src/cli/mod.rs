@@ -1,6 +1,7 @@
 //! The command line: clap types, one thin handler per command, and the rendering of results
 //! and errors (text on stderr, `--output json` on stdout, exit codes as CLI.md says).
 
+mod base;
 mod dockerfile;
 mod gc;
 mod image;
@@ -63,6 +64,9 @@ enum Commands {
     Image(image::ImageCommand),
     /// Remove unreferenced snapshots and what interrupted runs left behind.
     Gc(gc::GcArgs),
+    /// Base images: pull from a registry, import, list, remove.
+    #[command(subcommand)]
+    Base(base::BaseCommand),
 }
 
 /// Runs the CLI and maps the outcome to an exit code.
@@ -92,6 +96,7 @@ pub fn main() -> std::process::ExitCode {
         Commands::Snapshot(cmd) => snapshot::run(cmd, &ctx),
         Commands::Image(cmd) => image::run(cmd, &ctx),
         Commands::Gc(args) => gc::run(args, &ctx),
+        Commands::Base(cmd) => base::run(cmd, &ctx),
     };
     match result {
         Ok(()) => Exit::Ok.into(),

@@ -110,6 +110,11 @@ impl Out {
         self.format == Format::Json
     }
 
+    /// True for `-q`: progress and warnings are dropped.
+    pub fn quiet(&self) -> bool {
+        self.quiet
+    }
+
     /// Writes a result: `text` in text mode, `value` as JSON in JSON mode, both on stdout.
     pub fn result<T: Serialize>(&self, text: &str, value: &T) -> Result<(), CliError> {
         let mut stdout = std::io::stdout().lock();

@@ -147,6 +147,12 @@ impl<R: Read> HashReader<R> {
         io::copy(self, &mut io::sink()).map(drop)
     }
 
+    /// The inner reader back, with the digest and length of what was read.
+    pub fn into_parts(self) -> (R, Digest, u64) {
+        let len = self.hasher.len();
+        (self.inner, self.hasher.finish(), len)
+    }
+
     /// The digest and length so far.
     pub fn finish(self) -> (Digest, u64) {
         let len = self.hasher.len();

@@ -291,3 +291,62 @@ pub fn syncfs(fd: BorrowedFd<'_>) -> io::Result<()> {
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
+
+/// The names in the directory `dir` (without `.` and `..`), sorted.
+pub fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
+    let d = nix::dir::Dir::from_fd(nix::unistd::dup(dir).map_err(errno)?).map_err(errno)?;
+    let mut v = Vec::new();
+    for e in d.into_iter() {
+        let e = e.map_err(errno)?;
+        let n = e.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            v.push(OsStr::from_bytes(n).to_os_string());
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// `lstat` of `name` in `dir`.
+pub fn stat_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<nix::sys::stat::FileStat> {
+    fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(errno)
+}
+
+/// The target of the symlink `name` in `dir`.
+pub fn readlink_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OsString> {
+    nix::fcntl::readlinkat(dir, name).map_err(errno)
+}
+
+/// Opens the regular file `name` in `dir` for reading, not following a symlink.
+pub fn open_read_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<File> {
+    let fd = openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(errno)?;
+    Ok(File::from(fd))
+}
+
+/// The extended attributes of `name` in `dir` (`.` for `dir` itself), not following a symlink.
+pub fn xattrs_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Vec<(OsString, Vec<u8>)>> {
+    let mut out = Vec::new();
+    if name == "." {
+        use xattr::FileExt;
+        let f = File::from(nix::unistd::dup(dir).map_err(errno)?);
+        for k in f.list_xattr()? {
+            if let Some(v) = f.get_xattr(&k)? {
+                out.push((k, v));
+            }
+        }
+        return Ok(out);
+    }
+    let p = proc_path(dir, name);
+    for k in xattr::list(&p)? {
+        if let Some(v) = xattr::get(&p, &k)? {
+            out.push((k, v));
+        }
+    }
+    Ok(out)
+}
