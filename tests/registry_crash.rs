@@ -206,3 +206,53 @@ fn sigkill_at_random_moments_of_import_and_register_never_leaves_a_broken_name_a
     }
     check_names();
 }
+
+#[test]
+fn gc_running_beside_imports_never_takes_their_work() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let home = t.path().join("home");
+    let trees: Vec<_> = (0..4)
+        .map(|i| {
+            let d = t.path().join(format!("tree{i}"));
+            std::fs::create_dir_all(&d).expect("mkdir");
+            std::fs::write(d.join("data"), vec![i as u8; 2 << 20]).expect("write");
+            d
+        })
+        .collect();
+    kiln(&home, "p", &["image", "ls"]).ok();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gc = {
+        let (home, stop) = (home.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut runs = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                kiln(&home, "p", &["gc"]).ok();
+                runs += 1;
+            }
+            runs
+        })
+    };
+    let imports: Vec<_> = trees
+        .iter()
+        .map(|tree| {
+            let (home, tree) = (home.clone(), tree.clone());
+            std::thread::spawn(move || (0..3).map(|_| import(&home, &tree, 32)).collect::<Vec<_>>())
+        })
+        .collect();
+    let made: Vec<(String, String)> = imports
+        .into_iter()
+        .flat_map(|h| h.join().expect("import"))
+        .collect();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let runs = gc.join().expect("gc");
+    assert!(runs > 0);
+    for (id, sha) in &made {
+        let disk = disk_of(&home, id);
+        assert!(disk.is_file(), "gc took {id}");
+        assert_eq!(&sha256_file(&disk), sha);
+        assert_eq!(
+            kiln(&home, "p", &["snapshot", "describe", id]).ok()["status"],
+            "Completed"
+        );
+    }
+}

@@ -568,3 +568,32 @@ fn apt_sources() -> std::path::PathBuf {
         Path::new("/etc/apt/sources.list").to_path_buf()
     }
 }
+
+#[test]
+fn a_directory_of_twenty_thousand_entries_gets_a_valid_htree() {
+    // The case that makes `mkfs.ext4 -d` quadratic (envlab.md §4); the image must stay exact.
+    let t = home();
+    let src = t.path().join("tree");
+    let flat = src.join("flat");
+    std::fs::create_dir_all(&flat).expect("mkdir");
+    for i in 0..20_000 {
+        std::fs::write(flat.join(format!("entry-{i:05}")), []).expect("write");
+    }
+    let h = t.path().join("home");
+    let (id, _) = import(&h, &src, 256);
+    let disk = disk_of(&h, &id);
+    fsck(&disk);
+    let m = Mounted::new(&disk);
+    let n = std::fs::read_dir(m.dir.path().join("flat"))
+        .expect("read_dir")
+        .count();
+    assert_eq!(n, 20_000);
+    // Lookups go through the htree.
+    for i in [0, 7_777, 19_999] {
+        assert!(
+            m.dir.path().join(format!("flat/entry-{i:05}")).is_file(),
+            "{i}"
+        );
+    }
+    assert!(!m.dir.path().join("flat/entry-20000").exists());
+}
