@@ -10,4 +10,5 @@ pub mod dockerignore;
 pub mod driver;
 pub mod executor;
 pub mod overlay;
+pub mod run;
 pub mod sys;
