@@ -67,11 +67,10 @@ USER alice
 RUN id -u > /tmp/uid
 ";
 
-fn run_build(
-    s: &Setup,
-    dockerfile: &str,
-    no_cache: bool,
-) -> Result<(Vec<bool>, Vec<PathBuf>, Vec<String>), BuildError> {
+/// Per step: served from the cache; the target's layers; the RUN output lines.
+type Built = (Vec<bool>, Vec<PathBuf>, Vec<String>);
+
+fn run_build(s: &Setup, dockerfile: &str, no_cache: bool) -> Result<Built, BuildError> {
     let spec = lower_dockerfile(
         &parse(dockerfile).expect("parse"),
         &LowerOptions::default(),
