@@ -595,3 +595,483 @@ fn redirects_to_blob_storage_do_not_carry_registry_credentials() {
         "credentials leaked to blob storage: {seen:?}"
     );
 }
+
+#[test]
+fn imports_from_a_layout_an_oci_archive_and_a_docker_archive_share_one_layer() {
+    let t = tempfile::tempdir().expect("tmp");
+    let mut l = Layout::new(&t.path().join("layout"));
+    let m = l.image(
+        &[(busybox_layer(), Comp::Gzip)],
+        "amd64",
+        &["MARK=imported"],
+    );
+    l.tag("v1", &m);
+    let layout = format!("oci:{}:v1", l.dir.display());
+    let oci_archive = t.path().join("img.oci.tar");
+    let docker_archive = t.path().join("img.docker.tar");
+    skopeo_copy(
+        &layout,
+        &format!("oci-archive:{}:v1", oci_archive.display()),
+        None,
+        false,
+    );
+    skopeo_copy(
+        &layout,
+        &format!("docker-archive:{}:example/img:v1", docker_archive.display()),
+        None,
+        false,
+    );
+
+    let home = t.path().join("home");
+    let sources = [
+        (format!("oci-layout:{}:v1", l.dir.display()), "local/one"),
+        (
+            format!("oci-archive:{}:v1", oci_archive.display()),
+            "local/two:1.0",
+        ),
+        (
+            format!("docker-archive:{}:example/img:v1", docker_archive.display()),
+            "three",
+        ),
+    ];
+    let mut digests = Vec::new();
+    for (src, name) in &sources {
+        let out = kiln(
+            &home,
+            None,
+            &["base", "import", src, "--tag", name, "--json"],
+            &[],
+        );
+        assert!(out.status.success(), "{src}: {}", stderr(&out));
+        let j = json_of(&out);
+        assert_eq!(j["source"], "import");
+        digests.push(j["digest"].as_str().expect("digest").to_string());
+    }
+    assert_eq!(digests[0], m.digest, "a layout's manifest is kept as it is");
+    assert_eq!(digests[0], digests[1]);
+    assert_eq!(
+        std::fs::read_dir(home.join("layers-v1/sha256"))
+            .expect("layers")
+            .count(),
+        1,
+        "one diff_id, one directory"
+    );
+    let ls = json_of(&kiln(&home, None, &["base", "ls", "--json"], &[]));
+    let names: Vec<&str> = ls
+        .as_array()
+        .expect("ls")
+        .iter()
+        .map(|r| r["reference"].as_str().expect("ref"))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "docker.io/library/three:latest",
+            "docker.io/local/one:latest",
+            "docker.io/local/two:1.0"
+        ]
+    );
+
+    // FROM NAME resolves the local image first: no registry is asked (none would answer).
+    let store = kiln::oci::store::Store::open(&kiln::home::Home::at(&home)).expect("store");
+    let client = kiln::oci::client::RegistryClient::new(Default::default()).expect("client");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    for name in ["local/one", "docker.io/local/two:1.0", "three:latest"] {
+        let r = kiln::oci::Reference::parse(name).expect("ref");
+        let img = rt
+            .block_on(kiln::oci::pull::ensure(
+                &store,
+                &client,
+                &r,
+                &Default::default(),
+                std::sync::Arc::new(kiln::oci::pull::Silent),
+            ))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(img.config.image.env, ["MARK=imported"], "{name}");
+        assert!(img.layer_dirs[0].join("bin/busybox").is_file());
+    }
+    use kiln::frontend::BaseImages;
+    assert_eq!(
+        store.config("local/one").map(|c| c.env),
+        Some(vec!["MARK=imported".to_string()])
+    );
+
+    let out = kiln(&home, None, &["base", "rm", "local/one", "--json"], &[]);
+    assert!(out.status.success());
+    let out = kiln(&home, None, &["base", "rm", "local/one", "--json"], &[]);
+    assert_eq!(out.status.code(), Some(3));
+    let out = kiln(
+        &home,
+        None,
+        &[
+            "base",
+            "import",
+            "oci-layout:/nonexistent/dir",
+            "--tag",
+            "x",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// A canary directory outside the store that no layer may touch.
+struct Canary {
+    dir: tempfile::TempDir,
+}
+
+impl Canary {
+    fn new() -> Canary {
+        let dir = tempfile::tempdir().expect("canary");
+        std::fs::write(dir.path().join("canary"), b"untouched").expect("canary");
+        Canary { dir }
+    }
+    fn path(&self) -> String {
+        self.dir.path().display().to_string()
+    }
+    fn assert_untouched(&self) {
+        let names: Vec<_> = std::fs::read_dir(self.dir.path())
+            .expect("canary dir")
+            .map(|e| e.expect("e").file_name())
+            .collect();
+        assert_eq!(names, ["canary"], "something was written beside the canary");
+        assert_eq!(
+            std::fs::read(self.dir.path().join("canary")).expect("canary"),
+            b"untouched"
+        );
+        let md = std::fs::metadata(self.dir.path().join("canary")).expect("md");
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::nlink(&md),
+            1,
+            "the canary gained a hard link"
+        );
+    }
+}
+
+#[test]
+fn hostile_layers_are_rejected_whether_imported_or_pulled_and_the_host_is_untouched() {
+    let canary = Canary::new();
+    let c = canary.path();
+    let hostile: Vec<(&str, Vec<Entry>)> = vec![
+        (
+            "dotdot",
+            vec![Entry::RawFile(
+                format!(
+                    "../../../../../../../../{}/canary",
+                    c.trim_start_matches('/')
+                )
+                .into_bytes(),
+                b"pwned".to_vec(),
+            )],
+        ),
+        (
+            "symlink-write-through",
+            vec![
+                Entry::Symlink("link", c.clone()),
+                Entry::File("link/canary".into(), b"pwned".to_vec(), 0o644),
+            ],
+        ),
+        (
+            "relative-symlink",
+            vec![
+                Entry::Symlink("rel", format!("../../../../../../../..{c}")),
+                Entry::File("rel/new".into(), b"pwned".to_vec(), 0o644),
+            ],
+        ),
+        (
+            "hardlink-out",
+            vec![Entry::RawFile(b"placeholder".to_vec(), vec![])],
+        ),
+        (
+            "whiteout-dotdot",
+            vec![Entry::RawFile(b"a/.wh..".to_vec(), vec![])],
+        ),
+    ];
+    let t = tempfile::tempdir().expect("tmp");
+    let home = t.path().join("home");
+    for (i, (what, entries)) in hostile.iter().enumerate() {
+        let mut tar = tar_of(entries);
+        if *what == "hardlink-out" {
+            tar = hardlink_tar(&format!("../../../../../../../..{c}/canary"));
+        }
+        let mut l = Layout::new(&t.path().join(format!("evil{i}")));
+        let m = l.image(&[(tar, Comp::Gzip)], "amd64", &[]);
+        l.tag("evil", &m);
+        let out = kiln(
+            &home,
+            None,
+            &[
+                "base",
+                "import",
+                &format!("oci-layout:{}:evil", l.dir.display()),
+                "--tag",
+                "evil",
+                "--json",
+            ],
+            &[],
+        );
+        let must_reject = ["dotdot", "hardlink-out", "whiteout-dotdot"].contains(what);
+        assert!(
+            !(must_reject && out.status.success()),
+            "{what} was accepted"
+        );
+        if out.status.success() {
+            // Contained instead of rejected: then nothing may have escaped either.
+            canary.assert_untouched();
+            let _ = kiln(&home, None, &["base", "rm", "evil"], &[]);
+            continue;
+        }
+        assert_eq!(out.status.code(), Some(2), "{what}: {}", stderr(&out));
+        assert_eq!(json_of(&out)["error"]["code"], "bad_image", "{what}");
+        canary.assert_untouched();
+    }
+    assert_eq!(
+        std::fs::read_dir(home.join("tmp")).expect("tmp").count(),
+        0,
+        "no half-made layers left"
+    );
+
+    // A decompression bomb stops at the limit.
+    let mut l = Layout::new(&t.path().join("bomb"));
+    let bomb = tar_of(&[Entry::File("zeros".into(), vec![0u8; 64 << 20], 0o644)]);
+    let m = l.image(&[(bomb, Comp::Gzip)], "amd64", &[]);
+    l.tag("bomb", &m);
+    let src = format!("oci-layout:{}:bomb", l.dir.display());
+    let out = kiln(
+        &home,
+        None,
+        &["base", "import", &src, "--tag", "bomb", "--json"],
+        &[("KILN_MAX_LAYER_BYTES", "8388608")],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        json_of(&out)["error"]["message"]
+            .as_str()
+            .expect("m")
+            .contains("8388608"),
+        "names the limit"
+    );
+
+    // The same through a registry pull.
+    let reg = Registry::start(RegistryAuth::None);
+    let mut l = Layout::new(&t.path().join("evil-pushed"));
+    let m = l.image(&[(tar_of(&hostile[1].1), Comp::Gzip)], "amd64", &[]);
+    l.tag("evil", &m);
+    skopeo_copy(
+        &format!("oci:{}:evil", l.dir.display()),
+        &format!("docker://{}/x/evil:1", reg.host),
+        None,
+        false,
+    );
+    let out = kiln(
+        &home,
+        None,
+        &["base", "pull", &format!("{}/x/evil:1", reg.host), "--json"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    canary.assert_untouched();
+    assert_eq!(
+        std::fs::read_dir(home.join("layers-v1/sha256"))
+            .expect("layers")
+            .count(),
+        0
+    );
+}
+
+/// A tar with one hard link `h` → `target` (tar::Builder refuses `..` in link names).
+fn hardlink_tar(target: &str) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Link);
+    h.set_mode(0o644);
+    h.set_size(0);
+    h.as_old_mut().name[..1].copy_from_slice(b"h");
+    h.as_old_mut().linkname[..target.len()].copy_from_slice(target.as_bytes());
+    h.set_cksum();
+    b.append(&h, std::io::empty()).expect("append");
+    b.into_inner().expect("tar")
+}
+
+#[test]
+fn two_processes_pulling_one_image_at_once_are_both_right() {
+    let reg = Registry::start(RegistryAuth::None);
+    let t = tempfile::tempdir().expect("tmp");
+    let mut l = Layout::new(&t.path().join("layout"));
+    let layers: Vec<(Vec<u8>, Comp)> = (0..4u8)
+        .map(|i| {
+            // Incompressible content, so each layer takes a moment to fetch.
+            let data: Vec<u8> = (0..(3u32 << 20))
+                .map(|j| (j.wrapping_mul(2_654_435_761).rotate_left(u32::from(i)) >> 13) as u8)
+                .collect();
+            (
+                tar_of(&[Entry::File(format!("layer{i}"), data, 0o644)]),
+                Comp::Gzip,
+            )
+        })
+        .collect();
+    let m = l.image(&layers, "amd64", &[]);
+    l.tag("big", &m);
+    let name = format!("{}/x/big:1", reg.host);
+    skopeo_copy(
+        &format!("oci:{}:big", l.dir.display()),
+        &format!("docker://{name}"),
+        None,
+        false,
+    );
+    let home = t.path().join("home");
+    let cfg = tempfile::tempdir().expect("cfg");
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args([
+                "--home",
+                &home.display().to_string(),
+                "base",
+                "pull",
+                &name,
+                "--json",
+            ])
+            .env("DOCKER_CONFIG", cfg.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn kiln")
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (
+        a.wait_with_output().expect("a"),
+        b.wait_with_output().expect("b"),
+    );
+    assert!(
+        a.status.success() && b.status.success(),
+        "{}\n{}",
+        stderr(&a),
+        stderr(&b)
+    );
+    assert_eq!(json_of(&a)["digest"], json_of(&b)["digest"]);
+    assert_eq!(
+        std::fs::read_dir(home.join("layers-v1/sha256"))
+            .expect("layers")
+            .count(),
+        4
+    );
+    assert_eq!(std::fs::read_dir(home.join("tmp")).expect("tmp").count(), 0);
+    for (i, (tar, _)) in layers.iter().enumerate() {
+        let dir = home.join("layers-v1/sha256").join(sha256_hex(tar));
+        assert_eq!(
+            std::fs::metadata(dir.join(format!("layer{i}")))
+                .expect("file")
+                .len(),
+            3 << 20
+        );
+    }
+}
+
+#[test]
+fn builtin_busybox_is_made_offline_and_runs() {
+    let t = tempfile::tempdir().expect("tmp");
+    let home = t.path().join("home");
+    let out = kiln(
+        &home,
+        None,
+        &["base", "pull", "kiln/busybox", "--json"],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let j = json_of(&out);
+    assert_eq!(
+        (j["reference"].as_str(), j["source"].as_str()),
+        (Some("kiln/busybox:latest"), Some("builtin"))
+    );
+    let store = kiln::oci::store::Store::open(&kiln::home::Home::at(&home)).expect("store");
+    let img = store
+        .local(&kiln::oci::Reference::parse("kiln/busybox").expect("ref"))
+        .expect("local")
+        .expect("made");
+    assert_eq!(
+        Some(img.config.image),
+        kiln::frontend::lower::builtin_config("kiln/busybox")
+    );
+    let root = &img.layer_dirs[0];
+    let run = std::process::Command::new("chroot")
+        .arg(root)
+        .args([
+            "/bin/sh",
+            "-c",
+            "echo hello from $(whoami); ls /usr/bin/awk >/dev/null && grep -c . /etc/group",
+        ])
+        .output()
+        .expect("chroot");
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&run.stdout), "hello from root\n2\n");
+    let again = json_of(&kiln(
+        &home,
+        None,
+        &["base", "pull", "kiln/busybox", "--json"],
+        &[],
+    ));
+    assert_eq!(again["digest"], j["digest"], "made once, then cached");
+    // Reproducible: another store makes the same image from the same busybox.
+    let other = kiln(
+        &t.path().join("home2"),
+        None,
+        &["base", "pull", "kiln/busybox", "--json"],
+        &[],
+    );
+    assert_eq!(json_of(&other)["digest"], j["digest"]);
+    let out = kiln(&home, None, &["base", "pull", "kiln/alpine", "--json"], &[]);
+    assert_eq!(out.status.code(), Some(3));
+}
+
+#[test]
+fn builtin_debian_bookworm_is_made_from_the_configured_mirror_without_host_files() {
+    need("mmdebstrap", "mmdebstrap");
+    let t = tempfile::tempdir().expect("tmp");
+    let home = t.path().join("home");
+    let out = kiln(
+        &home,
+        None,
+        &["base", "pull", "kiln/debian:bookworm", "--json"],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let j = json_of(&out);
+    let store = kiln::oci::store::Store::open(&kiln::home::Home::at(&home)).expect("store");
+    let img = store
+        .local(&kiln::oci::Reference::parse("kiln/debian:bookworm").expect("ref"))
+        .expect("local")
+        .expect("made");
+    assert_eq!(img.config.image.cmd, Some(vec!["bash".to_string()]));
+    assert_eq!(
+        Some(img.config.image.clone()),
+        kiln::frontend::lower::builtin_config("kiln/debian:bookworm")
+    );
+    let root = &img.layer_dirs[0];
+    assert!(
+        !root.join("etc/resolv.conf").exists() && !root.join("etc/hostname").exists(),
+        "host files left in"
+    );
+    let run = std::process::Command::new("chroot")
+        .arg(root)
+        .args(["/bin/sh", "-c", "cat /etc/debian_version; command -v apt-get; stat -c %U /var/cache/apt/archives/partial"])
+        .output()
+        .expect("chroot");
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(stdout.starts_with("12."), "{stdout}");
+    assert!(
+        stdout.contains("/usr/bin/apt-get") && stdout.ends_with("_apt\n"),
+        "{stdout}"
+    );
+    // `kiln/debian` (latest) is the same image, not a second mmdebstrap run.
+    let alias = json_of(&kiln(
+        &home,
+        None,
+        &["base", "pull", "kiln/debian", "--json"],
+        &[],
+    ));
+    assert_eq!(alias["digest"], j["digest"]);
+}

@@ -539,6 +539,20 @@ impl Store {
     }
 }
 
+/// Lowering sees the real config (ENV, CMD, WORKDIR, ONBUILD, …) of images in the store;
+/// a built-in base not made yet lowers with the config it will have.
+impl crate::frontend::BaseImages for Store {
+    fn config(&self, reference: &str) -> Option<crate::ir::ImageConfig> {
+        let local = Reference::parse(reference)
+            .ok()
+            .and_then(|r| self.local(&r).ok().flatten());
+        match local {
+            Some(l) => Some(l.config.image),
+            None => crate::frontend::lower::builtin_config(reference),
+        }
+    }
+}
+
 /// Removes a file or a tree (not following symlinks); returns the apparent bytes freed.
 fn remove_tree(p: &Path) -> Result<u64, OciError> {
     let md = fs::symlink_metadata(p).map_err(OciError::io("stat", p))?;
@@ -669,5 +683,192 @@ impl BufRead for ChannelReader {
     }
     fn consume(&mut self, n: usize) {
         let _ = self.cur.split_to(n.min(self.cur.len()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frontend::BaseImages;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let t = tempfile::tempdir().expect("tmp");
+        let s = Store::open(&Home::at(t.path())).expect("store");
+        (t, s)
+    }
+
+    fn gz_layer(entries: &[(&str, &[u8])]) -> (Vec<u8>, Layer) {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            b.append_data(&mut h, name, *data).expect("append");
+        }
+        let tar = b.into_inner().expect("tar");
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&tar).expect("gz");
+        let gz = e.finish().expect("gz");
+        let layer = Layer {
+            digest: Digest::of(&gz),
+            size: gz.len() as u64,
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            diff_id: Digest::of(&tar),
+        };
+        (gz, layer)
+    }
+
+    fn record(s: &Store, name: &str, layers: &[(Vec<u8>, Layer)], env: &str) -> ImageRecord {
+        for (gz, l) in layers {
+            s.ingest_layer(&gz[..], l, true, true).expect("ingest");
+        }
+        let diff_ids: Vec<Digest> = layers.iter().map(|(_, l)| l.diff_id.clone()).collect();
+        let cfg = config::make_config(&diff_ids, &[env.to_string()], &["sh".into()], "test")
+            .expect("cfg");
+        let cfg_d = s.put_blob(&cfg).expect("cfg blob");
+        let descs: Vec<_> = layers
+            .iter()
+            .map(|(_, l)| (l.digest.clone(), l.size, l.media_type.clone()))
+            .collect();
+        let m = config::make_manifest((&cfg_d, cfg.len() as u64), &descs).expect("manifest");
+        let d = s.put_blob(&m).expect("manifest blob");
+        let rec = ImageRecord {
+            reference: Store::key(&Reference::parse(name).expect("ref")),
+            digest: d.clone(),
+            platform_digest: d,
+            platform: "linux/amd64".into(),
+            config: cfg_d,
+            layers: layers.iter().map(|(_, l)| l.clone()).collect(),
+            source: Source::Import,
+            created_at: 0,
+        };
+        s.put_image(&rec).expect("record");
+        rec
+    }
+
+    #[test]
+    fn lowering_sees_the_config_of_stored_images() {
+        let (_t, s) = store();
+        record(
+            &s,
+            "local/app:1",
+            &[gz_layer(&[("a", b"1")])],
+            "MARK=stored",
+        );
+        let c = s.config("local/app:1").expect("config");
+        assert_eq!(c.env, ["MARK=stored"]);
+        assert_eq!(
+            s.config("docker.io/local/app:1").map(|c| c.env),
+            Some(vec!["MARK=stored".into()])
+        );
+        assert_eq!(s.config("local/app:2"), None);
+        assert_eq!(
+            s.config("kiln/busybox").and_then(|c| c.cmd),
+            Some(vec!["sh".into()])
+        );
+    }
+
+    #[test]
+    fn a_digest_reference_finds_the_tag_that_resolved_to_it() {
+        let (_t, s) = store();
+        let rec = record(&s, "local/app:1", &[gz_layer(&[("a", b"1")])], "A=1");
+        let by_digest = Reference::parse(&format!("local/app@{}", rec.digest)).expect("ref");
+        assert_eq!(
+            s.image(&by_digest).expect("lookup").map(|r| r.digest),
+            Some(rec.digest)
+        );
+        let other = Reference::parse(&format!("local/other@{}", rec.platform_digest)).expect("ref");
+        assert_eq!(
+            s.image(&other).expect("lookup"),
+            None,
+            "another repository's digest is not it"
+        );
+    }
+
+    #[test]
+    fn gc_keeps_what_images_use_and_removes_the_rest() {
+        let (_t, s) = store();
+        let shared = gz_layer(&[("shared", b"s")]);
+        let only_a = gz_layer(&[("a", b"a")]);
+        let only_b = gz_layer(&[("b", b"b")]);
+        let a = record(&s, "local/a", &[shared.clone(), only_a.clone()], "A=1");
+        let b = record(&s, "local/b", &[shared.clone(), only_b.clone()], "B=1");
+        std::fs::create_dir(s.tmp().join("oci-layer-interrupted")).expect("leftover");
+        std::fs::create_dir(s.tmp().join("build-not-ours")).expect("someone else's");
+        s.remove_image(&Reference::parse("local/a").expect("ref"))
+            .expect("rm")
+            .expect("was there");
+        let kept = only_b.1.diff_id.clone();
+        let roots = GcRoots::default();
+        let report = s.gc(&roots).expect("gc");
+        assert_eq!(report.layers_removed, 1);
+        assert_eq!(report.blobs_removed, 3, "a's layer, config and manifest");
+        assert_eq!(report.temp_removed, 1);
+        assert!(report.bytes_freed > 0);
+        assert!(!s.has_layer(&only_a.1.diff_id) && !s.has_blob(&a.config));
+        assert!(s.has_layer(&shared.1.diff_id) && s.has_layer(&kept));
+        assert!(
+            s.local(&Reference::parse("local/b").expect("ref"))
+                .expect("b")
+                .is_some()
+        );
+        assert!(s.tmp().join("build-not-ours").exists());
+        assert!(s.has_blob(&b.digest));
+        // What another part of Kiln still uses survives too.
+        s.remove_image(&Reference::parse("local/b").expect("ref"))
+            .expect("rm");
+        let roots = GcRoots {
+            layers: [kept.clone()].into(),
+            blobs: Default::default(),
+        };
+        s.gc(&roots).expect("gc");
+        assert!(s.has_layer(&kept) && !s.has_layer(&shared.1.diff_id));
+    }
+
+    #[test]
+    fn a_layer_that_does_not_match_its_digest_or_diff_id_is_not_stored() {
+        let (_t, s) = store();
+        let (gz, good) = gz_layer(&[("f", b"data")]);
+        let wrong_digest = Layer {
+            digest: Digest::of(b"other"),
+            ..good.clone()
+        };
+        let e = s
+            .ingest_layer(&gz[..], &wrong_digest, true, true)
+            .expect_err("digest");
+        assert!(
+            matches!(e, OciError::DigestMismatch { what: "layer", .. }),
+            "{e}"
+        );
+        let wrong_diff = Layer {
+            diff_id: Digest::of(b"other"),
+            ..good.clone()
+        };
+        let e = s
+            .ingest_layer(&gz[..], &wrong_diff, true, true)
+            .expect_err("diff_id");
+        assert!(
+            matches!(
+                e,
+                OciError::DigestMismatch {
+                    what: "uncompressed layer (diff_id)",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let short = Layer {
+            size: good.size + 1,
+            ..good.clone()
+        };
+        assert!(matches!(
+            s.ingest_layer(&gz[..], &short, true, true),
+            Err(OciError::SizeMismatch { .. })
+        ));
+        assert!(!s.has_blob(&good.digest) && !s.has_layer(&good.diff_id));
+        assert_eq!(std::fs::read_dir(s.tmp()).expect("tmp").count(), 0);
+        s.ingest_layer(&gz[..], &good, true, true)
+            .expect("the right one");
+        assert!(s.has_blob(&good.digest) && s.has_layer(&good.diff_id));
     }
 }
