@@ -7,5 +7,6 @@ pub mod fs;
 pub mod home;
 pub mod ir;
 pub mod oci;
+pub mod pipeline;
 pub mod registry;
 pub mod snapshot;

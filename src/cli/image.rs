@@ -14,6 +14,8 @@ use std::path::PathBuf;
 /// Registered images: names that sandboxes launch from.
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
+    /// Build a Dockerfile (or SDK definition), snapshot it and register the name.
+    Create(Box<super::create::CreateArgs>),
     /// Point a name at an existing Completed snapshot (a name that exists moves; history is
     /// kept, so registering an older snapshot is a rollback).
     Register {
@@ -147,6 +149,10 @@ fn describe_text(i: &Image) -> String {
 
 /// Runs an `image` subcommand.
 pub fn run(cmd: &ImageCommand, ctx: &Ctx) -> Result<(), CliError> {
+    // Building is blocking work with its own short async parts; it is not run on a runtime.
+    if let ImageCommand::Create(args) = cmd {
+        return super::create::run(args, ctx);
+    }
     ctx.block_on(run_async(cmd, ctx))?
 }
 
@@ -259,6 +265,13 @@ async fn run_async(cmd: &ImageCommand, ctx: &Ctx) -> Result<(), CliError> {
                 .collect();
             ctx.out.result(&text, &json)
         }
+        // Handled in `run`, outside the runtime (building blocks).
+        ImageCommand::Create(_) => Err(CliError::new(
+            super::output::Exit::Environment,
+            "internal",
+            "image create cannot run inside the async runtime".into(),
+            None,
+        )),
         ImageCommand::Rm { name } => {
             let reg = open_registry(ctx).await?;
             let img = reg.remove(&project, name).await?;

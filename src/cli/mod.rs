@@ -2,6 +2,7 @@
 //! and errors (text on stderr, `--output json` on stdout, exit codes as CLI.md says).
 
 mod base;
+mod create;
 mod dockerfile;
 mod gc;
 mod image;

@@ -1,0 +1,177 @@
+//! `kiln image create` through the real binary: the built-in busybox base (made offline),
+//! the namespace builder, an ext4 snapshot, a registered name (runs as root).
+
+use std::path::Path;
+use std::process::Command;
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn kiln(home: &Path, args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("KILN_HOME", home)
+        .env_remove("KILN_PROJECT")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("kiln runs");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn json(r: &Run) -> serde_json::Value {
+    serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {} {}", r.stdout, r.stderr))
+}
+
+#[test]
+fn hello_builds_registers_and_rebuilds_from_cache() {
+    let home = tempfile::tempdir().expect("home");
+    let r = kiln(
+        home.path(),
+        &[
+            "image",
+            "create",
+            "examples/hello",
+            "--disk_mb",
+            "64",
+            "--json",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v = json(&r);
+    assert_eq!(v["name"], "hello");
+    assert_eq!(v["status"], "Completed");
+    assert_eq!(v["builder"], "namespace");
+    assert!(v["snapshot_id"].as_str().expect("id").starts_with("snap_"));
+    assert!(v["image_id"].as_str().expect("id").starts_with("img_"));
+    let steps = v["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), 3);
+    assert_eq!(steps[2]["cached"], false);
+    let uri = v["snapshot_uri"].as_str().expect("uri");
+    let disk = uri.strip_prefix("file://").expect("file uri");
+    let fsck = Command::new("e2fsck")
+        .args(["-fn", disk])
+        .output()
+        .expect("e2fsck");
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /srv/hello.txt", disk])
+        .output()
+        .expect("debugfs");
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), "hello from Linux\n");
+
+    let again = json(&kiln(
+        home.path(),
+        &[
+            "image",
+            "create",
+            "examples/hello",
+            "--disk_mb",
+            "64",
+            "--json",
+        ],
+    ));
+    assert!(
+        again["steps"]
+            .as_array()
+            .expect("steps")
+            .iter()
+            .all(|s| s["cached"] == true),
+        "{again}"
+    );
+    let d = json(&kiln(
+        home.path(),
+        &["image", "describe", "hello", "--json"],
+    ));
+    assert_eq!(
+        d["config"]["cmd"],
+        serde_json::json!(["cat", "/srv/hello.txt"])
+    );
+    assert_eq!(d["config"]["workdir"], "/srv");
+    assert_eq!(d["base"]["reference"], "kiln/busybox");
+    assert_eq!(d["snapshot_id"], again["snapshot_id"]);
+    let history = json(&kiln(home.path(), &["image", "history", "hello", "--json"]));
+    assert_eq!(history.as_array().map(Vec::len), Some(2), "{history}");
+}
+
+#[test]
+fn a_failing_run_exits_1_and_keeps_the_previous_image() {
+    let home = tempfile::tempdir().expect("home");
+    let ctx = tempfile::tempdir().expect("ctx");
+    let df = ctx.path().join("Dockerfile");
+    std::fs::write(&df, "FROM kiln/busybox\nRUN echo ok > /ok\n").expect("write");
+    let dir = ctx.path().to_str().expect("utf-8");
+    let first = kiln(
+        home.path(),
+        &[
+            "image",
+            "create",
+            dir,
+            "-n",
+            "app",
+            "--disk_mb",
+            "64",
+            "--json",
+        ],
+    );
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let before = json(&first)["snapshot_id"].clone();
+    std::fs::write(&df, "FROM kiln/busybox\nRUN echo going down && exit 7\n").expect("write");
+    let r = kiln(
+        home.path(),
+        &[
+            "image",
+            "create",
+            dir,
+            "-n",
+            "app",
+            "--disk_mb",
+            "64",
+            "--json",
+        ],
+    );
+    assert_eq!(r.code, 1, "{} {}", r.stdout, r.stderr);
+    let e = json(&r);
+    assert_eq!(e["error"]["code"], "step_failed");
+    let msg = e["error"]["message"].as_str().expect("message");
+    assert!(
+        msg.contains("exit code 7") && msg.contains("going down"),
+        "{msg}"
+    );
+    let d = json(&kiln(home.path(), &["image", "describe", "app", "--json"]));
+    assert_eq!(
+        d["snapshot_id"], before,
+        "the name still points at the old snapshot"
+    );
+}
+
+#[test]
+fn bad_dockerfiles_exit_2_with_a_location() {
+    let home = tempfile::tempdir().expect("home");
+    let ctx = tempfile::tempdir().expect("ctx");
+    std::fs::write(ctx.path().join("Dockerfile"), "FROM kiln/busybox\nRUNN x\n").expect("write");
+    let r = kiln(
+        home.path(),
+        &[
+            "image",
+            "create",
+            ctx.path().to_str().expect("utf-8"),
+            "-n",
+            "bad",
+        ],
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("Dockerfile:2:1"), "{}", r.stderr);
+    let ls = json(&kiln(home.path(), &["image", "ls", "--json"]));
+    assert_eq!(ls.as_array().map(Vec::len), Some(0));
+}
