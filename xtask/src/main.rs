@@ -1,1 +1,59 @@
-fn main() {}
+//! Kiln's developer tasks, run as `cargo xtask …` (an alias that builds this crate in
+//! release mode):
+//!
+//! - `cargo xtask fuzz [--iterations N] [--seed S] [--smoke]`: fuzz the Dockerfile parser and
+//!   lowering, the SDK JSON path and the shell lexer; fails on any panic or slow input.
+//! - `cargo xtask bench parse`: parse and parse + lower throughput in MB/s.
+//! - `cargo xtask bench snapshot`: snapshot writing against `mkfs.ext4 -d`.
+//!
+//! `fuzz` and `bench parse` read BuildKit's conformance corpus in place from `../shared/conformance/buildkit`
+//! (or `$KILN_CONFORMANCE_DIR`) and fail if it is missing.
+
+mod bench;
+mod bench_snapshot;
+mod corpus;
+mod fuzz;
+mod generate;
+mod mutate;
+mod sdk_gen;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Kiln developer tasks", version)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Fuzz parse + lower, the SDK JSON path and the shell lexer.
+    Fuzz(fuzz::FuzzArgs),
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Dockerfile parse and parse + lower throughput.
+    Parse(bench::BenchParseArgs),
+    /// Snapshot writing against `mkfs.ext4 -d` of the same tree.
+    Snapshot(bench_snapshot::BenchSnapshotArgs),
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().task {
+        Task::Fuzz(args) => fuzz::main(args),
+        Task::Bench {
+            what: Bench::Parse(args),
+        } => bench::parse_main(args),
+        Task::Bench {
+            what: Bench::Snapshot(args),
+        } => bench_snapshot::main(args),
+    }
+}

@@ -163,7 +163,10 @@ fn random_line<'a>(rng: &mut Rng, data: &'a [u8]) -> Option<&'a [u8]> {
 /// The start of a random line of `data` (or its end).
 fn random_line_start(rng: &mut Rng, data: &[u8]) -> usize {
     let i = rng.usize(..=data.len());
-    data[..i].iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1)
+    data[..i]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |p| p + 1)
 }
 
 /// Where the line starting at `start` ends, its newline included.
