@@ -385,6 +385,25 @@ fn basic_auth_works_through_the_docker_config_and_fails_with_exit_5_without() {
         serde_json::from_slice(&skopeo_inspect(&name, false, Some(("tester", "s3cret"))))
             .expect("inspect");
     assert_eq!(json_of(&out)["digest"], inspect["Digest"]);
+
+    // credHelpers and credsStore: docker-credential-* programs on PATH.
+    let helpers = tempfile::tempdir().expect("helpers");
+    let path = credential_helper(helpers.path(), "kilntest", &reg.host, "tester", "s3cret");
+    for cfg_json in [
+        serde_json::json!({"credHelpers": {reg.host.clone(): "kilntest"}}),
+        serde_json::json!({"credsStore": "kilntest"}),
+    ] {
+        let cfg = tempfile::tempdir().expect("cfg");
+        std::fs::write(cfg.path().join("config.json"), cfg_json.to_string()).expect("config.json");
+        let h = tempfile::tempdir().expect("home");
+        let out = kiln(
+            h.path(),
+            Some(cfg.path()),
+            &["base", "pull", &name, "--json"],
+            &[("PATH", &path)],
+        );
+        assert!(out.status.success(), "{cfg_json}: {}", stderr(&out));
+    }
 }
 
 #[test]
@@ -464,6 +483,44 @@ fn bearer_token_registry_works_anonymously_and_with_credentials() {
             .iter()
             .any(|l| l.contains("auth=basic-ok scope=repository:private/busybox:pull"))
     );
+
+    // An identity token (OAuth2 refresh token) is exchanged at the realm.
+    let idt = tempfile::tempdir().expect("cfg");
+    let cfg_json =
+        serde_json::json!({"auths": {reg.host.clone(): {"identitytoken": "refresh-ok"}}});
+    std::fs::write(idt.path().join("config.json"), cfg_json.to_string()).expect("config.json");
+    let h = tempfile::tempdir().expect("home");
+    let out = kiln(
+        h.path(),
+        Some(idt.path()),
+        &["base", "pull", &private, "--json"],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = tokens.log.lock().expect("log").clone();
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with("POST auth=refresh-ok scope=repository:private/busybox:pull")),
+        "{log:?}"
+    );
+
+    // A credential store that knows nothing of this registry means anonymous, not an error.
+    let helpers = tempfile::tempdir().expect("helpers");
+    let path = credential_helper(helpers.path(), "kilnempty", "elsewhere.example", "u", "p");
+    let store_cfg = tempfile::tempdir().expect("cfg");
+    std::fs::write(
+        store_cfg.path().join("config.json"),
+        r#"{"credsStore": "kilnempty"}"#,
+    )
+    .expect("config.json");
+    let h = tempfile::tempdir().expect("home");
+    let out = kiln(
+        h.path(),
+        Some(store_cfg.path()),
+        &["base", "pull", &public, "--json"],
+        &[("PATH", &path)],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
 }
 
 #[test]

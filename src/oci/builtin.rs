@@ -389,9 +389,13 @@ fn debian_layer(store: &Store) -> Result<(Layer, String), OciError> {
         hasher: Hasher::new(),
     };
     let opts = store.unpack_options().clone();
-    let mut tar = HashReader::new(tee, opts.max_bytes);
-    let unpacked = unpack_layer(&mut tar, dir_tmp.path(), &opts)
-        .and_then(|_| tar.drain().map_err(super::unpack::UnpackError::Read));
+    let mut tar =
+        std::io::BufReader::with_capacity(512 << 10, HashReader::new(tee, opts.max_bytes));
+    let unpacked = unpack_layer(&mut tar, dir_tmp.path(), &opts).and_then(|_| {
+        std::io::copy(&mut tar, &mut std::io::sink())
+            .map(drop)
+            .map_err(super::unpack::UnpackError::Read)
+    });
     if let Err(e) = unpacked {
         // Close the pipe first, or mmdebstrap blocks writing to it and never exits.
         drop(tar);
@@ -427,7 +431,7 @@ fn debian_layer(store: &Store) -> Result<(Layer, String), OciError> {
         }
         Err(e) => return Err(tool("mmdebstrap", format!("wait: {e}"))),
     }
-    let (tee, diff_id, _) = tar.into_parts();
+    let (tee, diff_id, _) = tar.into_inner().into_parts();
     let (gz, _, _) = tee.into_parts();
     let w = gz
         .ok_or_else(|| tool("mmdebstrap", "no blob writer"))?

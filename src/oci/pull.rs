@@ -151,6 +151,25 @@ pub async fn pull(
     Ok(record)
 }
 
+/// [`pull`] for callers without an async runtime (tools, benchmarks, the build pipeline): a
+/// client from the environment, a runtime of its own, no progress. Do not call it from
+/// inside an async runtime (tokio refuses to nest runtimes).
+pub fn pull_blocking(
+    store: &Store,
+    reference: &Reference,
+    opts: &PullOptions,
+) -> Result<ImageRecord, OciError> {
+    let client = RegistryClient::new(super::client::ClientOptions::from_env())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| OciError::Tool {
+            tool: "async runtime",
+            detail: e.to_string(),
+        })?;
+    rt.block_on(pull(store, &client, reference, opts, Arc::new(Silent)))
+}
+
 /// Pairs the manifest's layers with the config's diff_ids.
 pub fn layers_of(
     manifest: &config::Manifest,

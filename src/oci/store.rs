@@ -372,6 +372,7 @@ impl Store {
                 .map(|t| BufWriter::with_capacity(1 << 20, t.as_file())),
             hasher: Hasher::new(),
         };
+        let started = std::time::Instant::now();
         let decoded = self.decode_and_unpack(&mut tee, layer, dir_tmp.as_ref().map(|d| d.path()));
         // Read to the end either way: a blob that does not match its digest explains a failed
         // unpack better than the unpack error does.
@@ -403,7 +404,14 @@ impl Store {
                 actual: diff_id,
             });
         }
+        let unpacked = started.elapsed();
         self.commit_layer(blob_tmp, dir_tmp, layer)?;
+        tracing::debug!(
+            layer = %layer.digest,
+            unpack_ms = unpacked.as_millis() as u64,
+            commit_ms = (started.elapsed() - unpacked).as_millis() as u64,
+            "layer stored"
+        );
         Ok(stats)
     }
 
@@ -439,7 +447,10 @@ impl Store {
             Compression::Zstd => Box::new(zstd::Decoder::with_buffer(stream).map_err(read_err)?),
             Compression::None => Box::new(stream),
         };
-        let mut tar = HashReader::new(decoded, self.unpack.max_bytes);
+        // Buffered above the hash, so tar's 512-byte header reads do not each reach the
+        // decompressor; every byte is still hashed once, on its way into the buffer.
+        let mut tar =
+            BufReader::with_capacity(512 << 10, HashReader::new(decoded, self.unpack.max_bytes));
         let stats = match dir {
             Some(d) => {
                 unpack_layer(&mut tar, d, &self.unpack).map_err(|source| OciError::Unpack {
@@ -450,8 +461,8 @@ impl Store {
             None => UnpackStats::default(),
         };
         // The diff_id covers the whole stream, padding after the end-of-archive included.
-        tar.drain().map_err(read_err)?;
-        Ok((stats, tar.finish().0))
+        io::copy(&mut tar, &mut io::sink()).map_err(read_err)?;
+        Ok((stats, tar.into_inner().finish().0))
     }
 
     /// Moves a verified blob and unpacked tree of `layer` into place (either may be absent):
@@ -462,6 +473,13 @@ impl Store {
         dir_tmp: Option<tempfile::TempDir>,
         layer: &Layer,
     ) -> Result<(), OciError> {
+        if let Some(t) = &blob_tmp {
+            use std::os::unix::fs::PermissionsExt;
+            // Like every other blob (and an OCI layout's): readable, written once.
+            t.as_file()
+                .set_permissions(fs::Permissions::from_mode(0o644))
+                .map_err(OciError::io("chmod", t.path()))?;
+        }
         let tmp_fd = sys::Root::open(&self.tmp).map_err(OciError::io("open", &self.tmp))?;
         sys::syncfs(tmp_fd.fd()).map_err(OciError::io("sync", &self.tmp))?;
         if let Some(t) = blob_tmp {
@@ -483,6 +501,53 @@ impl Store {
             crate::fs::sync_dir(&self.layers).map_err(OciError::io("sync", &self.layers))?;
         }
         Ok(())
+    }
+
+    /// Writes `rec` as an OCI image layout in `dir` (blobs hard-linked where possible),
+    /// tagged `tag`: what skopeo and umoci read (`oci:DIR:TAG`).
+    pub fn export_layout(&self, rec: &ImageRecord, dir: &Path, tag: &str) -> Result<(), OciError> {
+        let blobs = dir.join("blobs/sha256");
+        mkdirs(&blobs)?;
+        let mut wanted = vec![
+            rec.digest.clone(),
+            rec.platform_digest.clone(),
+            rec.config.clone(),
+        ];
+        wanted.extend(rec.layers.iter().map(|l| l.digest.clone()));
+        for d in &wanted {
+            let (src, dst) = (self.blob_path(d), blobs.join(d.hex()));
+            if dst.exists() {
+                continue;
+            }
+            if fs::hard_link(&src, &dst).is_err() {
+                fs::copy(&src, &dst).map_err(OciError::io("copy blob to", &dst))?;
+            }
+        }
+        let top = self.read_blob(&rec.digest)?;
+        let media_type = serde_json::from_slice::<serde_json::Value>(&top)
+            .ok()
+            .and_then(|v| {
+                v.get("mediaType")
+                    .and_then(|m| m.as_str())
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| super::client::OCI_MANIFEST.to_string());
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": super::client::OCI_INDEX,
+            "manifests": [{
+                "mediaType": media_type,
+                "digest": rec.digest,
+                "size": top.len(),
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            }],
+        });
+        let w = |name: &str, bytes: &[u8]| {
+            let p = dir.join(name);
+            crate::fs::write_atomic(&p, bytes).map_err(OciError::io("write", &p))
+        };
+        w("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        w("index.json", index.to_string().as_bytes())
     }
 
     /// Removes blobs and layers no image record (nor `extra`) references, and leftovers of

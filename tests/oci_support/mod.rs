@@ -255,6 +255,7 @@ pub struct Request {
     pub method: String,
     pub target: String,
     pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
 }
 
 impl Request {
@@ -265,8 +266,16 @@ impl Request {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Values of `key` in the query string, or in a form body.
     pub fn query(&self, key: &str) -> Vec<String> {
-        let q = self.target.split_once('?').map_or("", |(_, q)| q);
+        let q = if self.method == "POST" {
+            String::from_utf8_lossy(&self.body).into_owned()
+        } else {
+            self.target
+                .split_once('?')
+                .map_or("", |(_, q)| q)
+                .to_string()
+        };
         q.split('&')
             .filter_map(|kv| kv.split_once('='))
             .filter(|(k, _)| *k == key)
@@ -293,10 +302,11 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
             headers.push((k.trim().to_string(), v.trim().to_string()));
         }
     }
-    let req = Request {
+    let mut req = Request {
         method,
         target,
         headers,
+        body: Vec::new(),
     };
     if let Some(n) = req
         .header("content-length")
@@ -304,6 +314,7 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
     {
         let mut body = vec![0u8; n];
         r.read_exact(&mut body).ok()?;
+        req.body = body;
     }
     Some(req)
 }
@@ -423,20 +434,25 @@ impl TokenServer {
         let handler: Arc<Handler> = Arc::new(move |req: &Request, w: &mut TcpStream| {
             let auth = req.header("authorization").map(str::to_string);
             let scopes = req.query("scope");
+            // An OAuth2 refresh-token grant (docker config `identitytoken`).
+            let refresh = req.query("refresh_token").into_iter().next();
             lg.lock().expect("log").push(format!(
                 "{} auth={} scope={}",
                 req.method,
-                match &auth {
-                    None => "anonymous",
-                    Some(a) if *a == expected => "basic-ok",
-                    Some(_) => "basic-wrong",
+                match (&auth, &refresh) {
+                    (_, Some(r)) if r == "refresh-ok" => "refresh-ok",
+                    (_, Some(_)) => "refresh-wrong",
+                    (None, None) => "anonymous",
+                    (Some(a), None) if *a == expected => "basic-ok",
+                    (Some(_), None) => "basic-wrong",
                 },
                 scopes.join(" ")
             ));
-            let authed = match &auth {
-                None => false,
-                Some(a) if *a == expected => true,
-                Some(_) => {
+            let authed = match (&auth, &refresh) {
+                (_, Some(r)) if r == "refresh-ok" => true,
+                (None, None) => false,
+                (Some(a), None) if *a == expected => true,
+                _ => {
                     respond(w, "401 Unauthorized", &[], br#"{"errors":[{"code":"UNAUTHORIZED","message":"wrong username or password"}]}"#);
                     return;
                 }
@@ -658,6 +674,7 @@ impl BlobStorage {
                 method: "GET".into(),
                 target: format!("/v2/{repo}/blobs/{digest}"),
                 headers,
+                body: Vec::new(),
             };
             let (status, _, body) = forward(&reg, &up, &reg);
             assert!(status.contains(" 200"), "storage fetch: {status}");
@@ -999,4 +1016,24 @@ pub fn umoci_unpack(layout: &Path, tag: &str, bundle: &Path) {
         .args(["unpack", "--image"])
         .arg(format!("{}:{tag}", layout.display()))
         .arg(bundle));
+}
+
+/// A `docker-credential-NAME` helper in a fresh bin dir: `get` answers `user`/`secret` for
+/// `server`, and "credentials not found" (exit 1) for anything else. Returns a PATH with the
+/// bin dir first.
+pub fn credential_helper(dir: &Path, name: &str, server: &str, user: &str, secret: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).expect("bin");
+    let script = format!(
+        "#!/bin/sh\n[ \"$1\" = get ] || exit 1\nread server\nif [ \"$server\" = \"{server}\" ]; then\n  printf '{{\"ServerURL\":\"%s\",\"Username\":\"{user}\",\"Secret\":\"{secret}\"}}' \"$server\"\nelse\n  echo 'credentials not found in native keychain'; exit 1\nfi\n"
+    );
+    let p = bin.join(format!("docker-credential-{name}"));
+    std::fs::write(&p, script).expect("helper");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
 }
