@@ -18,7 +18,7 @@ use crate::ir::{
     Add, Base, CacheSharing, Command, Copy, CopyFrom, DEFAULT_PATH, Empty, Healthcheck, IR_VERSION,
     ImageConfig, ImageSpec, Mount, Network, Op, Run, Security, Source, Stage,
 };
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Arguments every build knows without an ARG in global scope; proxies also reach RUN.
 pub const PROXY_ARGS: &[&str] = &[
@@ -159,8 +159,12 @@ pub fn resolve_dest(workdir: &str, dest: &str) -> String {
 pub struct StageState {
     /// The config so far.
     pub config: ImageConfig,
-    /// Declared ARGs in scope, with values.
-    pub args: Vec<(String, Option<String>)>,
+    /// Declared ARGs in scope, with values, in declaration order.
+    args: Vec<(String, Option<String>)>,
+    /// Position of each ARG in `args`.
+    arg_index: HashMap<String, usize>,
+    /// Position of each variable in `config.env`.
+    env_index: HashMap<String, usize>,
     /// Steps so far.
     pub steps: Vec<Op>,
     /// Where each step came from.
@@ -170,15 +174,41 @@ pub struct StageState {
     cmd_set: bool,
 }
 
+fn env_key(kv: &str) -> &str {
+    kv.split_once('=').map_or(kv, |(k, _)| k)
+}
+
+/// Words expand against ENV first (it wins over an ARG of the same name), then ARGs with a
+/// value. Lookups are hashed, so lowering stays linear in the number of variables.
+impl Env for StageState {
+    fn lookup(&self, name: &str) -> Option<&str> {
+        if let Some(&i) = self.env_index.get(name) {
+            return self
+                .config
+                .env
+                .get(i)
+                .map(|kv| kv.split_once('=').map_or("", |(_, v)| v));
+        }
+        let &i = self.arg_index.get(name)?;
+        self.args.get(i)?.1.as_deref()
+    }
+}
+
 impl StageState {
     /// A stage starting from a base config.
     pub fn new(mut config: ImageConfig, proxies: Vec<(String, String)>) -> Self {
         if config.env_get("PATH").is_none() {
             config.env.push(format!("PATH={DEFAULT_PATH}"));
         }
+        let mut env_index = HashMap::new();
+        for (i, kv) in config.env.iter().enumerate() {
+            env_index.insert(env_key(kv).to_string(), i);
+        }
         StageState {
             config,
             args: Vec::new(),
+            arg_index: HashMap::new(),
+            env_index,
             steps: Vec::new(),
             origins: Vec::new(),
             proxies,
@@ -186,29 +216,47 @@ impl StageState {
         }
     }
 
-    /// The environment words are expanded in: ARGs, then ENV (which wins).
-    pub fn expansion_env(&self) -> Vec<(String, String)> {
-        let mut env: Vec<(String, String)> = self
-            .args
-            .iter()
-            .filter_map(|(k, v)| v.as_ref().map(|v| (k.clone(), v.clone())))
-            .collect();
-        env.extend(self.config.env_pairs());
-        env
+    /// Declares an ARG (again): a redeclaration keeps its place and takes the new value.
+    pub fn declare_arg(&mut self, key: &str, value: Option<String>) {
+        match self.arg_index.get(key) {
+            Some(&i) => self.args[i].1 = value,
+            None => {
+                self.arg_index.insert(key.to_string(), self.args.len());
+                self.args.push((key.to_string(), value));
+            }
+        }
+    }
+
+    /// Whether an ARG of this name is in scope (with or without a value).
+    pub fn arg_declared(&self, key: &str) -> bool {
+        self.arg_index.contains_key(key)
+    }
+
+    fn set_env(&mut self, key: &str, value: &str) {
+        let entry = format!("{key}={value}");
+        match self.env_index.get(key) {
+            Some(&i) => self.config.env[i] = entry,
+            None => {
+                self.env_index
+                    .insert(key.to_string(), self.config.env.len());
+                self.config.env.push(entry);
+            }
+        }
     }
 
     /// The environment a RUN sees: ENV, then ARGs and proxies ENV does not set.
     pub fn run_env(&self) -> Vec<(String, String)> {
         let mut env = self.config.env_pairs();
-        let extra: Vec<(String, String)> = self
+        let mut seen: std::collections::HashSet<&str> =
+            self.env_index.keys().map(String::as_str).collect();
+        let extra = self
             .args
             .iter()
-            .filter_map(|(k, v)| v.as_ref().map(|v| (k.clone(), v.clone())))
-            .chain(self.proxies.iter().cloned())
-            .collect();
+            .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
+            .chain(self.proxies.iter().map(|(k, v)| (k, v)));
         for (k, v) in extra {
-            if !env.iter().any(|(ek, _)| *ek == k) {
-                env.push((k, v));
+            if seen.insert(k.as_str()) {
+                env.push((k.clone(), v.clone()));
             }
         }
         env
@@ -235,7 +283,7 @@ impl StageState {
     /// ENV.
     pub fn env(&mut self, origin: Origin, vars: Vec<(String, String)>) {
         for (k, v) in &vars {
-            self.config.env_set(k, v);
+            self.set_env(k, v);
         }
         self.push(origin, Op::Env { vars });
     }
@@ -363,7 +411,7 @@ pub fn lower_dockerfile(
         l.lint(w.rule, w.message.clone(), Some(w.span), w.line);
     }
     l.casing_lint(&typed);
-    l.split_stages(&typed)?;
+    l.split_stages(typed)?;
     let target = l.target_index()?;
     let (order, mut lowered) = l.lower_needed(target)?;
     let (stages, origins): (Vec<Stage>, Vec<Vec<Origin>>) =
@@ -480,9 +528,9 @@ impl Lowerer<'_> {
     }
 
     /// Global ARGs, then one [`RawStage`] per FROM with its expanded reference.
-    fn split_stages(&mut self, typed: &[Typed]) -> Result<(), FrontendError> {
+    fn split_stages(&mut self, typed: Vec<Typed>) -> Result<(), FrontendError> {
         let mut global_env = platform_args(&self.opts.platform);
-        let mut rest = typed.iter().peekable();
+        let mut rest = typed.into_iter().peekable();
         while let Some(t) = rest.next_if(|t| !matches!(t.command, Cmd::From { .. })) {
             let Cmd::Arg(decls) = &t.command else {
                 return Err(FrontendError::at(
@@ -535,7 +583,7 @@ impl Lowerer<'_> {
                     self.stages.push(done);
                 }
                 let stage = self.from(
-                    t,
+                    &t,
                     image,
                     name.as_ref(),
                     as_keyword.as_ref(),
@@ -543,7 +591,7 @@ impl Lowerer<'_> {
                 )?;
                 current = Some(stage);
             } else if let Some(stage) = current.as_mut() {
-                stage.commands.push(t.clone());
+                stage.commands.push(t);
             }
         }
         match current {
@@ -880,10 +928,9 @@ impl Lowerer<'_> {
         span: Span,
         line: u32,
     ) -> Result<String, FrontendError> {
-        let env = st.expansion_env();
-        let exp = self.expand(word, &env, span)?;
+        let exp = self.expand(word, st, span)?;
         for var in &exp.unmatched {
-            let declared = st.args.iter().any(|(k, _)| k == var);
+            let declared = st.arg_declared(var);
             if !declared {
                 self.lint(
                     "UndefinedVar",
@@ -983,9 +1030,9 @@ impl Lowerer<'_> {
                 };
                 let mut mounts = Vec::with_capacity(r.mounts.len());
                 for m in &r.mounts {
-                    let env = st.expansion_env();
-                    let lexer = self.lexer.clone();
-                    let expand = |v: &str| lexer.process_word(v, &env).map_err(|e| e.to_string());
+                    let lexer = &self.lexer;
+                    let scope: &StageState = st;
+                    let expand = |v: &str| lexer.process_word(v, scope).map_err(|e| e.to_string());
                     let mount = parse_mount(&m.value, &st.workdir(), &expand)
                         .map_err(|msg| FrontendError::at(msg, m.span).with_label("this mount"))?;
                     let mount = match mount {
@@ -1220,8 +1267,7 @@ impl Lowerer<'_> {
                     line,
                 );
             }
-            st.args.retain(|(k, _)| *k != d.key);
-            st.args.push((d.key.clone(), value));
+            st.declare_arg(&d.key, value);
         }
         Ok(())
     }
@@ -1252,13 +1298,12 @@ impl Lowerer<'_> {
                         content = chomp_heredoc(&content);
                     }
                     if h.expand {
-                        let env = st.expansion_env();
                         content = self
                             .lexer
                             .clone()
                             .raw_quotes(true)
                             .raw_escapes(true)
-                            .process_word(&content, &env)
+                            .process_word(&content, st)
                             .map_err(|e| FrontendError::at(e.to_string(), h.span))?;
                     }
                     sources.push(Source::Inline {

@@ -284,11 +284,11 @@ pub fn lower_sdk(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let mut st = StageState::new(base_config, proxies);
-    st.args = build_args
-        .iter()
-        .filter(|(k, _)| !super::lower::PROXY_ARGS.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), Some(v.clone())))
-        .collect();
+    for (k, v) in &build_args {
+        if !super::lower::PROXY_ARGS.contains(&k.as_str()) {
+            st.declare_arg(k, Some(v.clone()));
+        }
+    }
     for (i, op) in img.operations.iter().enumerate() {
         let origin = Origin::Operation(i);
         match op {

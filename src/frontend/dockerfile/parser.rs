@@ -662,8 +662,8 @@ impl Ctx<'_> {
     }
 
     fn name_val(&self, a: usize, b: usize, key: &str) -> Result<Args, ParseError> {
-        let words = self.words(a, b);
-        let Some(first) = words.first() else {
+        let words = self.words_at(a, b);
+        let Some((first, _)) = words.first() else {
             return Ok(Args::Empty);
         };
         if !first.value.contains('=') {
@@ -684,7 +684,7 @@ impl Ctx<'_> {
             });
         }
         let mut pairs = Vec::with_capacity(words.len());
-        for w in words {
+        for (w, start) in words {
             let Some(eq) = w.value.find('=') else {
                 let mut e = self.fail(
                     ParseErrorKind::MissingEquals(super::ast::go_quote(&w.value)),
@@ -694,14 +694,11 @@ impl Ctx<'_> {
                 e.help = Some(format!("every word of {key} must be NAME=VALUE"));
                 return Err(e);
             };
-            let key_span = Span::new(
-                w.span.start as usize,
-                (w.span.start as usize + eq).min(w.span.end as usize),
-            );
-            let val_span = Span::new(
-                (w.span.start as usize + eq + 1).min(w.span.end as usize),
-                w.span.end as usize,
-            );
+            // The word is the logical line's text from `start` on (quotes and escapes kept),
+            // so its parts map through the logical line, across continuations.
+            let end = start + w.value.len();
+            let key_span = self.logical.span(start, start + eq);
+            let val_span = self.logical.span(start + eq + 1, end);
             pairs.push((
                 Arg {
                     value: w.value[..eq].to_string(),
@@ -721,6 +718,12 @@ impl Ctx<'_> {
 
     /// BuildKit's `parseWords`: whitespace outside quotes separates; quotes and escapes stay.
     fn words(&self, a: usize, b: usize) -> Vec<Arg> {
+        self.words_at(a, b).into_iter().map(|(w, _)| w).collect()
+    }
+
+    /// [`Ctx::words`] with each word's start in the logical line, so spans of its parts can
+    /// be mapped even across a continuation.
+    fn words_at(&self, a: usize, b: usize) -> Vec<(Arg, usize)> {
         let text = self.text(a, b);
         let esc = self.escape;
         let mut out = Vec::new();
@@ -742,10 +745,13 @@ impl Ctx<'_> {
                 None => {
                     if is_go_space(c) {
                         if blank_ok || !word.is_empty() {
-                            out.push(Arg {
-                                value: std::mem::take(&mut word),
-                                span: self.logical.span(a + word_start, a + pos),
-                            });
+                            out.push((
+                                Arg {
+                                    value: std::mem::take(&mut word),
+                                    span: self.logical.span(a + word_start, a + pos),
+                                },
+                                a + word_start,
+                            ));
                         }
                         in_word = false;
                         blank_ok = false;
@@ -790,10 +796,13 @@ impl Ctx<'_> {
             }
         }
         if in_word && (blank_ok || !word.is_empty()) {
-            out.push(Arg {
-                value: word,
-                span: self.logical.span(a + word_start, b),
-            });
+            out.push((
+                Arg {
+                    value: word,
+                    span: self.logical.span(a + word_start, b),
+                },
+                a + word_start,
+            ));
         }
         out
     }
@@ -1014,6 +1023,30 @@ mod tests {
             &src[run.keyword_span.start as usize..run.keyword_span.end as usize],
             "RUN"
         );
+    }
+
+    #[test]
+    fn env_key_and_value_spans_survive_a_continuation_inside_the_key() {
+        let src = "FROM scratch\nENV a\\\nb=v\n";
+        let f = parse(src).expect("parses");
+        let Args::Pairs { pairs, .. } = &f.instructions[1].args else {
+            panic!("pairs expected")
+        };
+        let (k, v) = &pairs[0];
+        assert_eq!(k.value, "ab");
+        assert_eq!(&src[k.span.start as usize..k.span.end as usize], "a\\\nb");
+        assert_eq!(&src[v.span.start as usize..v.span.end as usize], "v");
+        let src = "# escape=`\nENV é`\né=x\n";
+        let f = parse(src).expect("parses");
+        let Args::Pairs { pairs, .. } = &f.instructions[0].args else {
+            panic!("pairs expected")
+        };
+        let (k, v) = &pairs[0];
+        assert!(
+            src.is_char_boundary(k.span.start as usize)
+                && src.is_char_boundary(k.span.end as usize)
+        );
+        assert_eq!(&src[v.span.start as usize..v.span.end as usize], "x");
     }
 
     #[test]
