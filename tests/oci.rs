@@ -572,6 +572,15 @@ fn unknown_tags_and_repositories_exit_3_and_dead_registries_exit_5() {
             .contains(&format!("127.0.0.1:{dead}")),
         "{e}"
     );
+    // `localhost:PORT` is loopback too (plain HTTP), whichever address it resolves to first.
+    let port = reg.host.rsplit(':').next().expect("port");
+    let out = kiln(
+        &home,
+        None,
+        &["base", "pull", &format!("localhost:{port}/x/known:latest")],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
     let out = kiln(&home, None, &["base", "pull", "Bad/Name", "--json"], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(json_of(&out)["error"]["code"], "bad_reference");
@@ -1131,4 +1140,46 @@ fn builtin_debian_bookworm_is_made_from_the_configured_mirror_without_host_files
         &[],
     ));
     assert_eq!(alias["digest"], j["digest"]);
+}
+
+#[test]
+fn a_collected_tree_is_remade_from_the_stored_blob_without_refetching_it() {
+    let reg = Registry::start(RegistryAuth::None);
+    let proxy = FaultProxy::start(&reg.host);
+    let t = tempfile::tempdir().expect("tmp");
+    let (l, _) = busybox_layout(&t.path().join("layout"), "latest");
+    skopeo_copy(
+        &format!("oci:{}:latest", l.dir.display()),
+        &format!("docker://{}/x/again:latest", reg.host),
+        None,
+        false,
+    );
+    let name = format!("{}/x/again:latest", proxy.host);
+    let home = t.path().join("home");
+    assert!(
+        kiln(&home, None, &["base", "pull", &name], &[])
+            .status
+            .success()
+    );
+    let layers = home.join("layers-v1/sha256");
+    let dir = std::fs::read_dir(&layers)
+        .expect("layers")
+        .next()
+        .expect("one")
+        .expect("e")
+        .path();
+    std::fs::remove_dir_all(&dir).expect("collect the tree");
+    proxy.faults.log.lock().expect("log").clear();
+    let out = kiln(&home, None, &["base", "pull", &name], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(dir.join("bin/busybox").is_file(), "tree remade");
+    let log = proxy.faults.log.lock().expect("log").clone();
+    let blob_gets = log
+        .iter()
+        .filter(|l| l.starts_with("GET") && l.contains("/blobs/"))
+        .count();
+    assert_eq!(
+        blob_gets, 0,
+        "config and layer came from the store: {log:?}"
+    );
 }

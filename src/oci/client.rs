@@ -665,10 +665,13 @@ impl Repository {
     }
 }
 
+/// The step of [`consumer_gone`]'s error.
+pub(crate) const CONSUMER_GONE: &str = "hand blob data to the unpacker";
+
 /// The error a fetch returns when the receiving end went away (it has the real error).
 pub(crate) fn consumer_gone() -> OciError {
     OciError::Io {
-        step: "hand blob data to the unpacker",
+        step: CONSUMER_GONE,
         path: Default::default(),
         source: std::io::Error::from(std::io::ErrorKind::BrokenPipe),
     }

@@ -4,7 +4,7 @@
 //! [`Store::ingest_layer`] (blob and unpacked tree in one pass, verified before commit).
 
 use super::builtin;
-use super::client::{RegistryClient, Repository, consumer_gone};
+use super::client::{CONSUMER_GONE, RegistryClient, Repository};
 use super::config::{self, Layer, PLATFORM};
 use super::digest::Digest;
 use super::error::OciError;
@@ -252,6 +252,25 @@ async fn fetch_layer(
         progress.layer_done(&layer.digest);
         return Ok(());
     }
+    if !need_blob {
+        // The blob is here (its tree was collected): unpack it from the store, not the network.
+        progress.layer_start(&layer.digest, layer.size, true);
+        let (s, l) = (store.clone(), layer.clone());
+        blocking(move || {
+            let p = s.blob_path(&l.digest);
+            let f = std::fs::File::open(&p).map_err(OciError::io("open blob", &p))?;
+            s.ingest_layer(
+                std::io::BufReader::with_capacity(1 << 20, f),
+                &l,
+                false,
+                true,
+            )
+        })
+        .await?;
+        drop(lock);
+        progress.layer_done(&layer.digest);
+        return Ok(());
+    }
     progress.layer_start(&layer.digest, layer.size, false);
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let (s, l) = (store.clone(), layer.clone());
@@ -284,6 +303,5 @@ async fn fetch_layer(
 }
 
 fn is_consumer_gone(e: &OciError) -> bool {
-    matches!(e, OciError::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe)
-        && e.to_string() == consumer_gone().to_string()
+    matches!(e, OciError::Io { step, .. } if *step == CONSUMER_GONE)
 }
