@@ -207,6 +207,23 @@ impl BuildOutput {
     }
 }
 
+/// Gives a fresh upper directory the root attributes (mode, owner, mtime) of the stack it
+/// goes on: overlayfs shows the upper's root as the merged root, so without this a new
+/// layer would make `/` 0755 root:root with the time of the build, and the same layers
+/// would give a different snapshot every time.
+fn inherit_root_attrs(layers: &[PathBuf], upper: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let Some(top) = layers.last() else {
+        // Scratch: a root directory as Docker makes it, at the epoch.
+        std::fs::set_permissions(upper, std::fs::Permissions::from_mode(0o755))?;
+        return std::fs::File::open(upper)?.set_modified(std::time::UNIX_EPOCH);
+    };
+    let meta = std::fs::metadata(top)?;
+    std::os::unix::fs::chown(upper, Some(meta.uid()), Some(meta.gid()))?;
+    std::fs::set_permissions(upper, std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+    std::fs::File::open(upper)?.set_modified(meta.modified()?)
+}
+
 /// A read-only merged view of a layer stack (an empty throwaway upper keeps it unchanged).
 pub struct View {
     _dir: tempfile::TempDir,
@@ -227,6 +244,7 @@ impl View {
         for d in [&upper, &work, &merged] {
             std::fs::create_dir(d).map_err(io("make a view directory"))?;
         }
+        inherit_root_attrs(layers, &upper).map_err(io("prepare a view directory"))?;
         let lowers: Vec<PathBuf> = layers.iter().rev().cloned().collect();
         let overlay = overlay::mount(
             &Layers {
@@ -477,6 +495,7 @@ impl Loop<'_, '_> {
         let staging = self.cache.stage().map_err(io("make a staging directory"))?;
         let upper = staging.path().join("upper");
         std::fs::create_dir(&upper).map_err(io("make a staging directory"))?;
+        inherit_root_attrs(layers, &upper).map_err(io("prepare a staging directory"))?;
         match op {
             Op::Run(run) => self.run(run, layers, &upper, number, instruction)?,
             Op::Copy(_) | Op::Add(_) | Op::Workdir { .. } => {
