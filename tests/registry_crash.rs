@@ -236,7 +236,7 @@ fn gc_running_beside_imports_never_takes_their_work() {
         .iter()
         .map(|tree| {
             let (home, tree) = (home.clone(), tree.clone());
-            std::thread::spawn(move || (0..3).map(|_| import(&home, &tree, 32)).collect::<Vec<_>>())
+            std::thread::spawn(move || (0..6).map(|_| import(&home, &tree, 32)).collect::<Vec<_>>())
         })
         .collect();
     let made: Vec<(String, String)> = imports

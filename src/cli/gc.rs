@@ -4,13 +4,14 @@
 //!
 //! Race-free with a running `kiln`: the store is listed *before* the registry is read, and
 //! an import records its `Pending` row before it creates its directory, so a directory seen
-//! here always has its row visible by the time rows are read. Rows are deleted in a
-//! transaction that re-checks that nothing names the snapshot, then its files go.
+//! here always has its row visible by the time rows are read. Whether a row is garbage is
+//! decided again inside the transaction that deletes it (`Removal::Garbage`), so a snapshot
+//! that completed or got a name since it was read is never taken; then its files go.
 
 use super::Ctx;
 use super::output::{CliError, Exit};
 use super::snapshot::{open_registry, open_store};
-use crate::registry::{Owner, SnapshotRecord};
+use crate::registry::{Owner, RegistryError, Removal, SnapshotRecord};
 use crate::snapshot::{Leftover, SnapshotState};
 use clap::Args;
 use serde_json::json;
@@ -92,9 +93,11 @@ async fn run_async(args: &GcArgs, ctx: &Ctx) -> Result<(), CliError> {
     let mut files: Vec<PathBuf> = Vec::new();
     let mut freed = 0u64;
 
-    // 2. Rows that no longer stand for a usable or in-progress snapshot.
+    // 2. Rows that no longer stand for a usable or in-progress snapshot. The look here only
+    //    skips what is surely alive; `snapshot_remove` decides on the current row.
+    let removal = Removal::Garbage { grace };
     for rec in rows.values() {
-        let collect = match &rec.state {
+        let maybe = match &rec.state {
             SnapshotState::Pending => !rec.owner.is_some_and(|o| o.is_alive()),
             SnapshotState::Failed { .. } => true,
             SnapshotState::Completed { .. } => {
@@ -102,19 +105,17 @@ async fn run_async(args: &GcArgs, ctx: &Ctx) -> Result<(), CliError> {
                     && now.duration_since(rec.id.created()).unwrap_or_default() >= grace
             }
         };
-        if !collect {
+        if !maybe {
             continue;
         }
-        match reg.snapshot_remove(rec.id.as_str()).await {
-            Ok(_) => {
-                let dir = store.dir(&rec.id);
+        match reg.snapshot_remove(rec.id.as_str(), removal).await {
+            Ok(gone) => {
+                let dir = store.dir(&gone.id);
                 freed += size_of(&dir);
-                store.remove(&rec.id)?;
-                removed.push(json!({"snapshot_id": rec.id.as_str(), "reason": why(rec)}));
+                store.remove(&gone.id)?;
+                removed.push(json!({"snapshot_id": gone.id.as_str(), "reason": why(&gone)}));
             }
-            // Named or taken up again since the listing: not garbage.
-            Err(crate::registry::RegistryError::SnapshotInUse { .. })
-            | Err(crate::registry::RegistryError::SnapshotNotFound(_)) => {}
+            Err(e) if not_garbage(&e) => {}
             Err(e) => return Err(e.into()),
         }
     }
@@ -125,8 +126,20 @@ async fn run_async(args: &GcArgs, ctx: &Ctx) -> Result<(), CliError> {
         match l {
             Leftover::Dir { id, path } => match rows.get(id.as_str()).map(|r| &r.state) {
                 Some(SnapshotState::Pending) => {
-                    let alive = rows[id.as_str()].owner.is_some_and(|o| o.is_alive());
-                    if alive || !path.exists() {
+                    // Being made when the rows were read: its process may have finished since
+                    // (the row is Completed now) or died after step 2 looked.
+                    let orphan = match reg.snapshot_remove(id.as_str(), removal).await {
+                        Ok(gone) => {
+                            removed.push(
+                                json!({"snapshot_id": gone.id.as_str(), "reason": why(&gone)}),
+                            );
+                            true
+                        }
+                        Err(RegistryError::SnapshotNotFound(_)) => true,
+                        Err(e) if not_garbage(&e) => false,
+                        Err(e) => return Err(e.into()),
+                    };
+                    if !orphan || !path.exists() {
                         continue;
                     }
                     freed += size_of(&path);
@@ -191,6 +204,16 @@ async fn run_async(args: &GcArgs, ctx: &Ctx) -> Result<(), CliError> {
     ctx.out.result(
         &text,
         &json!({"removed_snapshots": removed, "removed_files": files, "freed_bytes": freed}),
+    )
+}
+
+/// Errors that mean "not garbage after all": named, still being made, young, or gone already.
+fn not_garbage(e: &RegistryError) -> bool {
+    matches!(
+        e,
+        RegistryError::SnapshotInUse { .. }
+            | RegistryError::NotGarbage { .. }
+            | RegistryError::SnapshotNotFound(_)
     )
 }
 

@@ -2,7 +2,7 @@
 
 use super::Ctx;
 use super::output::{CliError, Exit};
-use crate::registry::{Owner, Registry, RegistryError, SnapshotRecord};
+use crate::registry::{Owner, Registry, RegistryError, Removal, SnapshotRecord};
 use crate::snapshot::{
     self, DEFAULT_DISK_MB, SnapshotError, SnapshotId, SnapshotState, Store, Tree, WriteOptions,
 };
@@ -122,6 +122,7 @@ impl From<RegistryError> for CliError {
                 (Exit::Conflict, "snapshot_not_completed", None)
             }
             RegistryError::BadTransition { .. } => (Exit::Conflict, "bad_transition", None),
+            RegistryError::NotGarbage { .. } => (Exit::Conflict, "not_garbage", None),
             RegistryError::SnapshotInUse { .. } => (
                 Exit::Conflict,
                 "snapshot_in_use",
@@ -213,7 +214,7 @@ async fn run_async(cmd: &SnapshotCommand, ctx: &Ctx) -> Result<(), CliError> {
         SnapshotCommand::Rm { snapshot } => {
             let reg = open_registry(ctx).await?;
             let store = open_store(ctx)?;
-            let rec = reg.snapshot_remove(snapshot).await?;
+            let rec = reg.snapshot_remove(snapshot, Removal::Unnamed).await?;
             store.remove(&rec.id)?;
             ctx.out.result(
                 &format!("removed {}\n", rec.id),

@@ -141,6 +141,12 @@ pub enum RegistryError {
         /// The allowed range.
         range: &'static str,
     },
+    /// `kiln gc` found the snapshot still young or in use by the time it looked again.
+    #[error("snapshot {id} is not garbage")]
+    NotGarbage {
+        /// The snapshot.
+        id: String,
+    },
     /// The image cannot be launched yet (or at all).
     #[error("image {name} is {status}, not Ready")]
     NotReady {
@@ -234,6 +240,19 @@ fn process_start(pid: u32) -> Option<u64> {
     // A zombie has exited: its snapshot will never complete.
     let state = rest.split_whitespace().next()?;
     (state != "Z" && state != "X").then_some(start)
+}
+
+/// Which snapshots [`Registry::snapshot_remove`] may delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// Any that nothing names (`kiln snapshot rm`).
+    Unnamed,
+    /// Only garbage (`kiln gc`): Pending of a process that is gone, Failed, or Completed,
+    /// unnamed and older than `grace`.
+    Garbage {
+        /// How long an unnamed Completed snapshot is kept.
+        grace: Duration,
+    },
 }
 
 /// A snapshot as the registry knows it.
@@ -602,8 +621,10 @@ impl Registry {
     }
 
     /// Deletes a snapshot's row if no image points at it or has it in its history, and, for a
-    /// `Pending` one, only if its owner is gone. The caller removes the disk afterwards.
-    pub async fn snapshot_remove(&self, id: &str) -> Result<SnapshotRecord> {
+    /// `Pending` one, only if its owner is gone; with [`Removal::Garbage`], only if it is
+    /// garbage *now* (decided inside the transaction, so a snapshot that completed since the
+    /// caller looked is never taken). The caller removes the disk afterwards.
+    pub async fn snapshot_remove(&self, id: &str, removal: Removal) -> Result<SnapshotRecord> {
         let mut tx = self.write_tx().await?;
         let rec = sqlx::query(
             "SELECT id AS s_id, state AS s_state, disk_mb AS s_disk_mb, uri AS s_uri, \
@@ -626,6 +647,18 @@ impl Registry {
                 id: id.into(),
                 names: vec![format!("the running process {}", owner.pid)],
             });
+        }
+        match (&rec.state, removal) {
+            (_, Removal::Unnamed)
+            | (SnapshotState::Pending | SnapshotState::Failed { .. }, Removal::Garbage { .. }) => {}
+            (SnapshotState::Completed { .. }, Removal::Garbage { grace }) => {
+                let age = std::time::SystemTime::now()
+                    .duration_since(rec.id.created())
+                    .unwrap_or_default();
+                if age < grace {
+                    return Err(RegistryError::NotGarbage { id: id.into() });
+                }
+            }
         }
         let users: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT i.project || '/' || i.name FROM images i \

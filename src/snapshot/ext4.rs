@@ -83,6 +83,26 @@ pub fn write_prepared(
     prepared: Prepared,
     out: &Path,
 ) -> Result<DiskInfo, SnapshotError> {
+    write_inner(tree, prepared, out, true)
+}
+
+/// Writes the same image as [`write`] without computing its sha256 (`DiskInfo::sha256` is
+/// empty): for measuring what filling a disk costs apart from hashing it (`cargo xtask bench
+/// snapshot`). A snapshot always uses [`write`].
+pub fn write_without_digest(
+    tree: &Tree,
+    opts: WriteOptions,
+    out: &Path,
+) -> Result<DiskInfo, SnapshotError> {
+    write_inner(tree, prepare(tree, opts)?, out, false)
+}
+
+fn write_inner(
+    tree: &Tree,
+    prepared: Prepared,
+    out: &Path,
+    digest: bool,
+) -> Result<DiskInfo, SnapshotError> {
     let Prepared { layout, fills } = prepared;
     let store = |step, source| SnapshotError::Store {
         step,
@@ -92,7 +112,7 @@ pub fn write_prepared(
     let file = File::create(out).map_err(|e| store("create", e))?;
     file.set_len(layout.image_len())
         .map_err(|e| store("create", e))?;
-    let mut sink = HashingSink::new(&file, layout.image_len());
+    let mut sink = HashingSink::new(&file, layout.image_len(), digest);
     let mut w = layout.writer(&mut sink)?;
     let tar = match &tree.source {
         Source::Tar(p) => Some(File::open(p).map_err(|source| SnapshotError::ReadTree {
@@ -515,6 +535,8 @@ enum Region {
 struct HashingSink<'f> {
     file: &'f File,
     len: u64,
+    /// False only when measuring the write alone.
+    digest: bool,
     hasher: Sha256,
     cursor: u64,
     queued: BTreeMap<u64, Region>,
@@ -523,10 +545,11 @@ struct HashingSink<'f> {
 static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
 
 impl<'f> HashingSink<'f> {
-    fn new(file: &'f File, len: u64) -> Self {
+    fn new(file: &'f File, len: u64, digest: bool) -> Self {
         HashingSink {
             file,
             len,
+            digest,
             hasher: Sha256::new(),
             cursor: 0,
             queued: BTreeMap::new(),
@@ -571,6 +594,9 @@ impl<'f> HashingSink<'f> {
 
     /// The sha256 of the whole image; an error if some byte was never emitted.
     fn finish(self) -> std::io::Result<String> {
+        if !self.digest {
+            return Ok(String::new());
+        }
         if self.cursor != self.len || !self.queued.is_empty() {
             return Err(std::io::Error::other(format!(
                 "the image writer left bytes unwritten from offset {}",
@@ -585,6 +611,9 @@ impl RegionSink for HashingSink<'_> {
     fn data(&mut self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
         self.check(offset, bytes.len() as u64)?;
         self.file.write_all_at(bytes, offset)?;
+        if !self.digest {
+            return Ok(());
+        }
         if offset == self.cursor {
             self.hasher.update(bytes);
             self.cursor += bytes.len() as u64;
@@ -598,6 +627,9 @@ impl RegionSink for HashingSink<'_> {
     fn zeros(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
         self.check(offset, len)?;
         // The file was extended with set_len, so zeros are already there (as holes).
+        if !self.digest {
+            return Ok(());
+        }
         if offset == self.cursor {
             self.hash_zeros(len);
             self.cursor += len;
