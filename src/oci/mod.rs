@@ -3,6 +3,12 @@
 //! layer unpacking with whiteouts, imports of local image files, and the built-in bases made
 //! on this machine. Knows no builder, snapshot or name registry: it hands out layer
 //! directories and image configs.
+//!
+//! For the builder: [`pull::ensure`] (or [`store::Store::local`] then [`pull::pull_blocking`])
+//! gives a [`store::LocalImage`] whose `layer_dirs` are bottom to top (reverse them for an
+//! overlayfs `lowerdir`); [`flatten::flatten`] stacks them into one tree instead; the store
+//! implements [`crate::frontend::BaseImages`] so lowering sees base configs;
+//! [`store::Store::gc`] keeps whatever [`store::GcRoots`] names besides image records.
 
 pub mod auth;
 pub mod builtin;
