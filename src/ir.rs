@@ -324,6 +324,16 @@ pub enum Mount {
     },
 }
 
+impl Mount {
+    /// The stage or image a bind or cache mount reads from, if not the build context.
+    pub fn from(&self) -> Option<&CopyFrom> {
+        match self {
+            Mount::Bind { from, .. } | Mount::Cache { from, .. } => from.as_ref(),
+            Mount::Tmpfs { .. } | Mount::Secret { .. } | Mount::Ssh { .. } => None,
+        }
+    }
+}
+
 /// Cache mount sharing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]

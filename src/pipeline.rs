@@ -11,7 +11,7 @@ use crate::build::driver::Driver;
 use crate::build::run::{self, Bases, BuildOptions, Event, ResolvedBase, StepReport, View};
 use crate::frontend::{self, Lowered};
 use crate::home::Home;
-use crate::ir::{Base, CopyFrom, ImageSpec, Mount, Op};
+use crate::ir::{Base, CopyFrom, ImageSpec, Op};
 use crate::oci::{self, Reference};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -92,15 +92,7 @@ pub fn images_needed(spec: &ImageSpec) -> BTreeSet<String> {
                 }
                 Op::Run(r) => {
                     for m in &r.mounts {
-                        if let Mount::Bind {
-                            from: Some(CopyFrom::Image { reference }),
-                            ..
-                        }
-                        | Mount::Cache {
-                            from: Some(CopyFrom::Image { reference }),
-                            ..
-                        } = m
-                        {
+                        if let Some(CopyFrom::Image { reference }) = m.from() {
                             out.insert(reference.clone());
                         }
                     }

@@ -937,6 +937,22 @@ fn archive_kind(src: &Src<'_>, rel: &str) -> Result<Option<ArchiveKind>, CopyErr
     })
 }
 
+/// `base` followed by the normal components of an archive path; `None` when it has `..`
+/// (absolute paths are taken as relative to `base`).
+fn below(base: &[OsString], path: &Path) -> Option<Vec<OsString>> {
+    let mut out = base.to_vec();
+    for c in path.components() {
+        match c {
+            std::path::Component::Normal(s) => out.push(s.to_os_string()),
+            std::path::Component::ParentDir => return None,
+            std::path::Component::RootDir
+            | std::path::Component::CurDir
+            | std::path::Component::Prefix(_) => {}
+        }
+    }
+    Some(out)
+}
+
 /// Writes a tar stream below `dest`, every path resolved inside the destination root.
 fn extract_tar(
     reader: impl Read,
@@ -948,16 +964,8 @@ fn extract_tar(
     for entry in archive.entries().map_err(|e| e.to_string())? {
         let mut entry = entry.map_err(|e| e.to_string())?;
         let path = entry.path().map_err(|e| e.to_string())?.into_owned();
-        let mut rel: Vec<OsString> = dest.comps.clone();
-        for c in path.components() {
-            match c {
-                std::path::Component::Normal(s) => rel.push(s.to_os_string()),
-                std::path::Component::ParentDir => {
-                    return Err(format!("{}: a path with .. is not allowed", path.display()));
-                }
-                _ => {}
-            }
-        }
+        let mut rel = below(&dest.comps, &path)
+            .ok_or_else(|| format!("{}: a path with .. is not allowed", path.display()))?;
         let Some(name) = rel.pop() else { continue };
         let parent: Vec<&OsStr> = rel.iter().map(OsString::as_os_str).collect();
         let dir = dest
@@ -1014,19 +1022,8 @@ fn extract_tar(
                     .link_name()
                     .map_err(|e| e.to_string())?
                     .ok_or_else(|| format!("{}: hard link without a target", path.display()))?;
-                let mut tcomps: Vec<OsString> = dest.comps.clone();
-                for c in target.components() {
-                    match c {
-                        std::path::Component::Normal(s) => tcomps.push(s.to_os_string()),
-                        std::path::Component::ParentDir => {
-                            return Err(format!(
-                                "{}: a link with .. is not allowed",
-                                path.display()
-                            ));
-                        }
-                        _ => {}
-                    }
-                }
+                let mut tcomps = below(&dest.comps, &target)
+                    .ok_or_else(|| format!("{}: a link with .. is not allowed", path.display()))?;
                 let Some(tname) = tcomps.pop() else { continue };
                 let tparent: Vec<&OsStr> = tcomps.iter().map(OsString::as_os_str).collect();
                 let tdir = dest.root.dir(&tparent, false).map_err(at)?;

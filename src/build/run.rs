@@ -322,17 +322,20 @@ pub fn build(
 }
 
 impl Loop<'_, '_> {
+    fn resolve(&self, reference: &str) -> Result<ResolvedBase, BuildError> {
+        self.bases
+            .resolve(reference)
+            .map_err(|message| BuildError::Base {
+                reference: reference.to_string(),
+                message,
+            })
+    }
+
     fn base(&self, base: &Base) -> Result<(Vec<PathBuf>, CacheKey, Option<String>), BuildError> {
         Ok(match base {
             Base::Scratch => (Vec::new(), cache::root_key(&BaseKey::Scratch), None),
             Base::Image { reference } => {
-                let b = self
-                    .bases
-                    .resolve(reference)
-                    .map_err(|message| BuildError::Base {
-                        reference: reference.clone(),
-                        message,
-                    })?;
+                let b = self.resolve(reference)?;
                 let key = cache::root_key(&BaseKey::Image(&b.digest));
                 (b.layers, key, Some(b.digest))
             }
@@ -424,14 +427,7 @@ impl Loop<'_, '_> {
                 // Bind/cache mounts from stages read those stages.
                 let mut digests = Vec::new();
                 for m in &r.mounts {
-                    if let Mount::Bind {
-                        from: Some(CopyFrom::Stage { index }),
-                        ..
-                    }
-                    | Mount::Cache {
-                        from: Some(CopyFrom::Stage { index }),
-                        ..
-                    } = m
+                    if let Some(CopyFrom::Stage { index }) = m.from()
                         && let Some(s) = self.built.get(index)
                     {
                         digests.push(s.key.to_string());
@@ -459,15 +455,7 @@ impl Loop<'_, '_> {
         };
         let from_digest = match from {
             Some(CopyFrom::Stage { index }) => self.built.get(index).map(|s| s.key.to_string()),
-            Some(CopyFrom::Image { reference }) => Some(
-                self.bases
-                    .resolve(reference)
-                    .map_err(|message| BuildError::Base {
-                        reference: reference.clone(),
-                        message,
-                    })?
-                    .digest,
-            ),
+            Some(CopyFrom::Image { reference }) => Some(self.resolve(reference)?.digest),
             None => None,
         };
         if from.is_some() {
@@ -634,15 +622,7 @@ impl Loop<'_, '_> {
                     instruction: instruction.to_string(),
                     message: format!("stage {index} was not built"),
                 })?,
-            CopyFrom::Image { reference } => {
-                self.bases
-                    .resolve(reference)
-                    .map_err(|message| BuildError::Base {
-                        reference: reference.clone(),
-                        message,
-                    })?
-                    .layers
-            }
+            CopyFrom::Image { reference } => self.resolve(reference)?.layers,
         };
         View::mount(&layers, &self.opts.scratch)
     }

@@ -1509,15 +1509,7 @@ fn stage_deps(stage: &Stage) -> Vec<usize> {
             }
             Op::Run(r) => {
                 for m in &r.mounts {
-                    if let Mount::Bind {
-                        from: Some(CopyFrom::Stage { index }),
-                        ..
-                    }
-                    | Mount::Cache {
-                        from: Some(CopyFrom::Stage { index }),
-                        ..
-                    } = m
-                    {
+                    if let Some(CopyFrom::Stage { index }) = m.from() {
                         deps.push(*index);
                     }
                 }

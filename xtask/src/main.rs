@@ -10,6 +10,7 @@
 //! (or `$KILN_CONFORMANCE_DIR`) and fail if it is missing.
 
 mod bench;
+mod bench_pull;
 mod bench_snapshot;
 mod corpus;
 mod fuzz;
@@ -44,6 +45,8 @@ enum Bench {
     Parse(bench::BenchParseArgs),
     /// Snapshot writing against `mkfs.ext4 -d` of the same tree.
     Snapshot(bench_snapshot::BenchSnapshotArgs),
+    /// Pull + unpack of kiln/debian:bookworm vs skopeo copy + umoci unpack.
+    Pull(bench_pull::BenchPullArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,5 +58,8 @@ fn main() -> ExitCode {
         Task::Bench {
             what: Bench::Snapshot(args),
         } => bench_snapshot::main(args),
+        Task::Bench {
+            what: Bench::Pull(args),
+        } => bench_pull::pull_main(args),
     }
 }
