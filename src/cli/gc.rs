@@ -195,15 +195,24 @@ async fn run_async(args: &GcArgs, ctx: &Ctx) -> Result<(), CliError> {
         }
     }
 
+    // 5. Base-image blobs and layers no image record uses (the builder's step layers live in
+    // cache-v1/, not in the base store, so they need no roots here).
+    let base = crate::oci::store::Store::open(&home)
+        .and_then(|s| s.gc(&crate::oci::store::GcRoots::default()))
+        .map_err(super::base::cli_error)?;
+    freed += base.bytes_freed;
+
     let text = format!(
-        "removed {} snapshot(s) and {} leftover file(s), {} bytes freed\n",
+        "removed {} snapshot(s), {} leftover file(s), {} base blob(s) and {} base layer(s); {} bytes freed\n",
         removed.len(),
         files.len(),
+        base.blobs_removed,
+        base.layers_removed,
         freed
     );
     ctx.out.result(
         &text,
-        &json!({"removed_snapshots": removed, "removed_files": files, "freed_bytes": freed}),
+        &json!({"removed_snapshots": removed, "removed_files": files, "base": base, "freed_bytes": freed}),
     )
 }
 
