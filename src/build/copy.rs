@@ -1002,16 +1002,14 @@ fn extract_tar(
                     .link_name()
                     .map_err(|e| e.to_string())?
                     .ok_or_else(|| format!("{}: symlink without a target", path.display()))?;
-                if rooted::kind_at(dir.as_fd(), &name).map_err(at)?.is_some() {
-                    rooted::remove_at(dir.as_fd(), &name).map_err(at)?;
-                }
+                // Absent is fine: remove_at ignores ENOENT.
+                rooted::remove_at(dir.as_fd(), &name).map_err(at)?;
                 rooted::symlink_at(target.as_os_str(), dir.as_fd(), &name).map_err(at)?;
                 rooted::chown_at(dir.as_fd(), &name, uid, gid).map_err(at)?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                if rooted::kind_at(dir.as_fd(), &name).map_err(at)?.is_some() {
-                    rooted::remove_at(dir.as_fd(), &name).map_err(at)?;
-                }
+                // Absent is fine: remove_at ignores ENOENT.
+                rooted::remove_at(dir.as_fd(), &name).map_err(at)?;
                 let mut f = rooted::create_file_at(dir.as_fd(), &name).map_err(at)?;
                 std::io::copy(&mut entry, &mut f).map_err(at)?;
                 rooted::chmod_fd(f.as_fd(), mode).map_err(at)?;
@@ -1027,9 +1025,8 @@ fn extract_tar(
                 let Some(tname) = tcomps.pop() else { continue };
                 let tparent: Vec<&OsStr> = tcomps.iter().map(OsString::as_os_str).collect();
                 let tdir = dest.root.dir(&tparent, false).map_err(at)?;
-                if rooted::kind_at(dir.as_fd(), &name).map_err(at)?.is_some() {
-                    rooted::remove_at(dir.as_fd(), &name).map_err(at)?;
-                }
+                // Absent is fine: remove_at ignores ENOENT.
+                rooted::remove_at(dir.as_fd(), &name).map_err(at)?;
                 rooted::link_at(tdir.as_fd(), &tname, dir.as_fd(), &name).map_err(at)?;
                 n += 1;
                 continue;

@@ -224,6 +224,25 @@ fn inherit_root_attrs(layers: &[PathBuf], upper: &Path) -> std::io::Result<()> {
     std::fs::File::open(upper)?.set_modified(meta.modified()?)
 }
 
+/// Mounts `layers` (bottom first, as stages keep them) under `upper` at `merged`.
+fn mount_stack(
+    layers: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    merged: &Path,
+) -> Result<Overlay, overlay::OverlayError> {
+    // overlayfs wants the top layer first.
+    let lowers: Vec<PathBuf> = layers.iter().rev().cloned().collect();
+    overlay::mount(
+        &Layers {
+            lowers: &lowers,
+            upper,
+            work,
+        },
+        merged,
+    )
+}
+
 /// A read-only merged view of a layer stack (an empty throwaway upper keeps it unchanged).
 pub struct View {
     _dir: tempfile::TempDir,
@@ -245,15 +264,7 @@ impl View {
             std::fs::create_dir(d).map_err(io("make a view directory"))?;
         }
         inherit_root_attrs(layers, &upper).map_err(io("prepare a view directory"))?;
-        let lowers: Vec<PathBuf> = layers.iter().rev().cloned().collect();
-        let overlay = overlay::mount(
-            &Layers {
-                lowers: &lowers,
-                upper: &upper,
-                work: &work,
-            },
-            &merged,
-        )?;
+        let overlay = mount_stack(layers, &upper, &work, &merged)?;
         Ok(View {
             _dir: dir,
             overlay: Some(overlay),
@@ -491,15 +502,7 @@ impl Loop<'_, '_> {
                 let merged = staging.path().join("merged");
                 std::fs::create_dir(&work).map_err(io("make a work directory"))?;
                 std::fs::create_dir(&merged).map_err(io("make a work directory"))?;
-                let lowers: Vec<PathBuf> = layers.iter().rev().cloned().collect();
-                let mounted = overlay::mount(
-                    &Layers {
-                        lowers: &lowers,
-                        upper: &upper,
-                        work: &work,
-                    },
-                    &merged,
-                )?;
+                let mounted = mount_stack(layers, &upper, &work, &merged)?;
                 let result = self.fs_step(op, &merged, number, instruction, user);
                 mounted.unmount()?;
                 result?;
