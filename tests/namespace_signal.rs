@@ -33,6 +33,7 @@ fn sigterm_during_a_step_kills_it_and_cleans_up() {
                 ..Limits::default()
             },
             output: &mut sink,
+            stdio: kiln::build::executor::Stdio::Capture,
             timeout: Some(std::time::Duration::from_secs(120)),
         },
     );

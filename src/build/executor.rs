@@ -99,6 +99,18 @@ pub enum PreparedMount {
     Ssh,
 }
 
+/// Where the command's standard streams go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Stdio {
+    /// stdin is `/dev/null`; stdout and stderr are read line by line into the `output`
+    /// callback (build steps).
+    #[default]
+    Capture,
+    /// The command gets Kiln's own stdin, stdout and stderr, byte for byte (sandbox
+    /// commands); the `output` callback is not called.
+    Inherit,
+}
+
 /// Everything one step needs.
 pub struct ExecRequest<'a> {
     /// The root tree (the merged overlay).
@@ -115,6 +127,8 @@ pub struct ExecRequest<'a> {
     pub limits: Limits,
     /// Receives each output line (without its newline) as it arrives.
     pub output: &'a mut dyn FnMut(Stream, &str),
+    /// Where the standard streams go.
+    pub stdio: Stdio,
     /// Kill the step after this long.
     pub timeout: Option<Duration>,
 }
@@ -741,6 +755,7 @@ struct Plan {
     program: CString,
     argv: Vec<CString>,
     envp: Vec<CString>,
+    stdio: Stdio,
 }
 
 /// Docker's default capabilities: CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID SETPCAP
@@ -1347,6 +1362,7 @@ fn prepare(req: &ExecRequest<'_>) -> Result<Prepared, ExecError> {
             .into_iter()
             .map(|e| cstr("environment variable", e))
             .collect::<Result<_, _>>()?,
+        stdio: req.stdio,
     };
     Ok(Prepared {
         plan,
@@ -1528,10 +1544,24 @@ fn spawn(
     let (up_r, up_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(spawn_err("create a pipe"))?;
     let (down_r, down_w) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(spawn_err("create a pipe"))?;
-    let (out_r, out_w) =
-        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(spawn_err("create a pipe"))?;
-    let (err_r, err_w) =
-        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(spawn_err("create a pipe"))?;
+    let ((out_r, out_w), (err_r, err_w)) = match plan.stdio {
+        Stdio::Capture => {
+            let pipe = || {
+                nix::unistd::pipe2(OFlag::O_CLOEXEC)
+                    .map(|(r, w)| (Some(r), w))
+                    .map_err(spawn_err("create a pipe"))
+            };
+            (pipe()?, pipe()?)
+        }
+        Stdio::Inherit => {
+            let dup = |fd: std::os::fd::BorrowedFd<'_>| {
+                nix::unistd::dup(fd)
+                    .map(|w| (None, w))
+                    .map_err(spawn_err("duplicate a standard stream"))
+            };
+            (dup(io::stdout().as_fd())?, dup(io::stderr().as_fd())?)
+        }
+    };
     let parent = nix::unistd::getpid();
     let start = Instant::now();
     // SAFETY: the child only runs `child_c`, which uses the prepared plan, raw syscalls and
@@ -1630,8 +1660,8 @@ fn spawn(
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut timed_out = false;
     let mut streams = [
-        (Some(out_r), Vec::new(), Stream::Stdout),
-        (Some(err_r), Vec::new(), Stream::Stderr),
+        (out_r, Vec::new(), Stream::Stdout),
+        (err_r, Vec::new(), Stream::Stderr),
     ];
     let mut exited = false;
     let mut buf = vec![0u8; 64 * 1024];
@@ -1875,13 +1905,15 @@ fn child_d(plan: &Plan, up: OwnedFd, down: OwnedFd, out: OwnedFd, err: OwnedFd) 
         "enter the working directory",
         nix::unistd::chdir(plan.workdir.as_c_str()),
     );
-    match nix::fcntl::open(c"/dev/null", OFlag::O_RDONLY, Mode::empty()) {
-        Ok(null) => stage(
-            &up,
-            "redirect standard streams",
-            nix::unistd::dup2_stdin(&null),
-        ),
-        Err(e) => fail(&up, ERR_STAGE, 14, e),
+    if plan.stdio == Stdio::Capture {
+        match nix::fcntl::open(c"/dev/null", OFlag::O_RDONLY, Mode::empty()) {
+            Ok(null) => stage(
+                &up,
+                "redirect standard streams",
+                nix::unistd::dup2_stdin(&null),
+            ),
+            Err(e) => fail(&up, ERR_STAGE, 14, e),
+        }
     }
     // Rust ignores SIGPIPE; the command must get the default dispositions and an empty mask.
     for sig in Signal::iterator() {

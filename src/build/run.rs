@@ -11,7 +11,7 @@ use super::cgroup::Limits;
 use super::context::BuildContext;
 use super::copy::{self, CopyRequest, Owner, SourceRoot};
 use super::driver::{Driver, StepRequest};
-use super::executor::{PreparedMount, Stream};
+use super::executor::{PreparedMount, Stdio, Stream};
 use super::overlay::{self, Layers, Overlay};
 use crate::ir::{Base, CopyFrom, ImageConfig, ImageSpec, Mount, Op, Source};
 use std::collections::BTreeMap;
@@ -704,6 +704,7 @@ impl Loop<'_, '_> {
                     resolv_conf: None,
                     limits: self.opts.limits,
                     output: &mut output,
+                    stdio: Stdio::Capture,
                     timeout: self.opts.step_timeout,
                 },
             )

@@ -158,6 +158,7 @@ pub fn try_step(
             resolv_conf: Some("nameserver 192.0.2.53\n"),
             limits: opts.limits,
             output: &mut sink,
+            stdio: kiln::build::executor::Stdio::Capture,
             timeout: opts.timeout,
         },
     )?;

@@ -8,7 +8,7 @@
 pub mod namespace;
 
 use super::cgroup::Limits;
-use super::executor::{ExecError, ExitStatus, PreparedMount, Stream};
+use super::executor::{ExecError, ExitStatus, PreparedMount, Stdio, Stream};
 use super::overlay::OverlayError;
 use crate::ir;
 use std::path::{Path, PathBuf};
@@ -30,6 +30,8 @@ pub struct StepRequest<'a> {
     pub limits: Limits,
     /// Receives each output line as it arrives (the caller prefixes the step number).
     pub output: &'a mut dyn FnMut(Stream, &str),
+    /// Where the command's standard streams go (build steps capture them).
+    pub stdio: Stdio,
     /// Kill the step after this long.
     pub timeout: Option<Duration>,
 }

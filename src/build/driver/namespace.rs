@@ -162,6 +162,7 @@ impl Driver for NamespaceDriver {
             resolv_conf: req.resolv_conf,
             limits: req.limits,
             output: req.output,
+            stdio: req.stdio,
             timeout: req.timeout,
         });
         mounted.unmount()?;
