@@ -14,3 +14,5 @@ pub const KILN_INSECURE_REGISTRIES: &str = "KILN_INSECURE_REGISTRIES";
 pub const KILN_MAX_LAYER_BYTES: &str = "KILN_MAX_LAYER_BYTES";
 /// The directory of the docker `config.json` registry credentials are read from.
 pub const DOCKER_CONFIG: &str = "DOCKER_CONFIG";
+/// The guest kernel of microVMs (default: the newest `/boot/vmlinuz-*-cloud-amd64`).
+pub const KILN_VM_KERNEL: &str = "KILN_VM_KERNEL";

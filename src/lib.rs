@@ -1,6 +1,7 @@
 //! Kiln: Dockerfiles and SDK image definitions to bootable root-disk snapshots.
 pub mod build;
 pub mod cli;
+pub mod doctor;
 pub mod envvars;
 pub mod frontend;
 pub mod fs;

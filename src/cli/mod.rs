@@ -4,6 +4,7 @@
 mod base;
 mod create;
 mod dockerfile;
+mod doctor;
 mod gc;
 mod image;
 mod lower;
@@ -65,6 +66,8 @@ enum Commands {
     Image(image::ImageCommand),
     /// Remove unreferenced snapshots and what interrupted runs left behind.
     Gc(gc::GcArgs),
+    /// Report which builders work on this host and why not.
+    Doctor(doctor::DoctorArgs),
     /// Base images: pull from a registry, import, list, remove.
     #[command(subcommand)]
     Base(base::BaseCommand),
@@ -97,6 +100,11 @@ pub fn main() -> std::process::ExitCode {
         Commands::Snapshot(cmd) => snapshot::run(cmd, &ctx),
         Commands::Image(cmd) => image::run(cmd, &ctx),
         Commands::Gc(args) => gc::run(args, &ctx),
+        // doctor prints its report and still exits 5 when no builder works.
+        Commands::Doctor(args) => match doctor::run(args, &ctx) {
+            Ok(exit) => return exit.into(),
+            Err(e) => Err(e),
+        },
         Commands::Base(cmd) => base::run(cmd, &ctx),
     };
     match result {
