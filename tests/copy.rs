@@ -2,7 +2,9 @@
 //! heredoc files, archive extraction, and containment of hostile symlinks (runs as root).
 
 use kiln::build::context::BuildContext;
-use kiln::build::copy::{CopyError, CopyRequest, Owner, SourceRoot, copy, resolve_owner};
+use kiln::build::copy::{
+    CopyError, CopyRequest, Owner, SourceRoot, copy, resolve_owner, resolve_user_owner,
+};
 use kiln::ir::Source;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::Path;
@@ -176,6 +178,26 @@ fn chown_resolves_names_in_the_image_and_chmod_applies() {
         resolve_owner(f.root.path(), "nobody"),
         Err(CopyError::UnknownOwner { .. })
     ));
+    // WORKDIR's owner, as BuildKit resolves USER for file operations: a name alone takes
+    // passwd's primary gid, a uid alone is also the gid, a group given wins.
+    assert_eq!(
+        resolve_user_owner(f.root.path(), "app").expect("owner"),
+        Owner {
+            uid: 1000,
+            gid: 1001
+        }
+    );
+    assert_eq!(
+        resolve_user_owner(f.root.path(), "1234").expect("owner"),
+        Owner {
+            uid: 1234,
+            gid: 1234
+        }
+    );
+    assert_eq!(
+        resolve_user_owner(f.root.path(), "app:staff").expect("owner"),
+        Owner { uid: 1000, gid: 50 }
+    );
     let s = paths(&["run.sh", "lib.py"]);
     let mut r = req(&s, "/bin2/");
     r.owner = Some(owner);

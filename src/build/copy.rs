@@ -1045,6 +1045,17 @@ fn extract_tar(
 /// /etc/passwd and /etc/group (read inside `root`). A user alone also gives the gid (Docker:
 /// "the same numeric UID as the GID").
 pub fn resolve_owner(root: &Path, chown: &str) -> Result<Owner, CopyError> {
+    resolve(root, chown, false)
+}
+
+/// Resolves the current `USER` as the owner of what WORKDIR creates, as BuildKit's file
+/// operations do (the Dockerfile reference says nothing here): a user name alone takes its
+/// primary gid from /etc/passwd, a uid alone is also the gid, a group given wins.
+pub fn resolve_user_owner(root: &Path, user: &str) -> Result<Owner, CopyError> {
+    resolve(root, user, true)
+}
+
+fn resolve(root: &Path, chown: &str, passwd_gid: bool) -> Result<Owner, CopyError> {
     let (user, group) = match chown.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (chown, None),
@@ -1063,25 +1074,36 @@ pub fn resolve_owner(root: &Path, chown: &str) -> Result<Owner, CopyError> {
         let _ = File::from(fd).take(16 << 20).read_to_string(&mut s);
         s
     };
-    let lookup = |db: &str, name: &str| -> Option<u32> {
+    // Field `field` (2: the id, 3: passwd's primary gid) of the entry called `name`.
+    let lookup = |db: &str, name: &str, field: usize| -> Option<u32> {
         db.lines()
             .map(|l| l.split(':').collect::<Vec<_>>())
             .find(|f| f.first() == Some(&name))
-            .and_then(|f| f.get(2)?.parse().ok())
+            .and_then(|f| f.get(field)?.parse().ok())
     };
-    let uid = match user.parse::<u32>() {
-        Ok(n) => n,
-        Err(_) => lookup(&read("passwd"), user).ok_or_else(|| CopyError::UnknownOwner {
-            what: "user",
-            name: user.to_string(),
-            file: "passwd",
-        })?,
+    let (uid, primary) = match user.parse::<u32>() {
+        Ok(n) => (n, n),
+        Err(_) => {
+            let passwd = read("passwd");
+            let unknown = || CopyError::UnknownOwner {
+                what: "user",
+                name: user.to_string(),
+                file: "passwd",
+            };
+            let uid = lookup(&passwd, user, 2).ok_or_else(unknown)?;
+            let primary = if passwd_gid {
+                lookup(&passwd, user, 3).ok_or_else(unknown)?
+            } else {
+                uid
+            };
+            (uid, primary)
+        }
     };
     let gid = match group {
-        None => uid,
+        None => primary,
         Some(g) => match g.parse::<u32>() {
             Ok(n) => n,
-            Err(_) => lookup(&read("group"), g).ok_or_else(|| CopyError::UnknownOwner {
+            Err(_) => lookup(&read("group"), g, 2).ok_or_else(|| CopyError::UnknownOwner {
                 what: "group",
                 name: g.to_string(),
                 file: "group",

@@ -311,7 +311,9 @@ pub struct ResolvedUser {
     pub uid: u32,
     /// The primary gid.
     pub gid: u32,
-    /// Supplementary gids (groups in `/etc/group` listing the user, when no group was given).
+    /// Supplementary gids: the primary gid first (containerd's `ensureAdditionalGids`, which
+    /// BuildKit and `docker run` apply), then the groups in `/etc/group` listing the user
+    /// when no group was given.
     pub groups: Vec<u32>,
     /// The passwd home directory, if the user has an entry.
     pub home: Option<String>,
@@ -319,7 +321,8 @@ pub struct ResolvedUser {
 
 /// Resolves `spec` (`name`, `uid`, `name:group`, `uid:gid`; `None` is root) against the
 /// text of the image's `/etc/passwd` and `/etc/group`, as runc does: a numeric uid without
-/// an entry runs with gid 0; an explicit group disables the supplementary groups.
+/// an entry runs with gid 0; an explicit group disables the supplementary groups (but the
+/// primary gid is always one of them, as containerd makes it).
 pub fn resolve_user(spec: Option<&str>, passwd: &str, group: &str) -> Result<ResolvedUser, String> {
     let spec = spec.unwrap_or("").trim();
     let (user, grp) = match spec.split_once(':') {
@@ -405,6 +408,8 @@ pub fn resolve_user(spec: Option<&str>, passwd: &str, group: &str) -> Result<Res
             }
         }
     }
+    supplementary.retain(|g| *g != gid);
+    supplementary.insert(0, gid);
     Ok(ResolvedUser {
         uid,
         gid,
@@ -2047,22 +2052,22 @@ mod tests {
         let u = resolve_user(Some("alice"), PASSWD, GROUP).unwrap();
         assert_eq!(
             (u.uid, u.gid, u.groups, u.home.as_deref()),
-            (1000, 1000, vec![10, 29], Some("/home/alice"))
+            (1000, 1000, vec![1000, 10, 29], Some("/home/alice"))
         );
     }
 
     #[test]
-    fn explicit_group_disables_supplementary_groups() {
+    fn explicit_group_disables_supplementary_groups_but_keeps_the_primary() {
         let u = resolve_user(Some("alice:wheel"), PASSWD, GROUP).unwrap();
-        assert_eq!((u.uid, u.gid, u.groups.len()), (1000, 10, 0));
+        assert_eq!((u.uid, u.gid, u.groups), (1000, 10, vec![10]));
         let u = resolve_user(Some("1000:4242"), PASSWD, GROUP).unwrap();
-        assert_eq!((u.uid, u.gid), (1000, 4242));
+        assert_eq!((u.uid, u.gid, u.groups), (1000, 4242, vec![4242]));
     }
 
     #[test]
     fn numeric_uid_without_entry_runs_with_gid_zero() {
         let u = resolve_user(Some("4321"), PASSWD, GROUP).unwrap();
-        assert_eq!((u.uid, u.gid, u.home), (4321, 0, None));
+        assert_eq!((u.uid, u.gid, u.groups, u.home), (4321, 0, vec![0], None));
     }
 
     #[test]

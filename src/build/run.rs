@@ -532,7 +532,7 @@ impl Loop<'_, '_> {
             Op::Workdir { path } => {
                 // WORKDIR creates the directory owned by the current USER, as BuildKit does.
                 let owner = match user {
-                    Some(u) => copy::resolve_owner(root, u).map_err(copy_err)?,
+                    Some(u) => copy::resolve_user_owner(root, u).map_err(copy_err)?,
                     None => Owner::default(),
                 };
                 let t = tempfile::tempdir_in(&self.opts.scratch).map_err(io("scratch"))?;
