@@ -292,6 +292,39 @@ fn a_symlink_in_the_image_cannot_send_a_write_outside() {
 }
 
 #[test]
+fn a_source_that_links_to_a_directory_copies_the_directory_contents() {
+    // BuildKit follows a source that is a symlink; entries below it keep their own
+    // .dockerignore verdicts (secret.env stays out).
+    let f = fixture();
+    symlink("src", f.ctx.path().join("src-link")).expect("symlink");
+    write(f.ctx.path(), "src/secret.env", "TOKEN=2\n", 0o600);
+    std::fs::write(
+        f.ctx.path().join(".dockerignore"),
+        "secret.env\nsrc/secret.env\n",
+    )
+    .expect("write");
+    let c = open(&f);
+    let s = paths(&["src-link"]);
+    copy(
+        SourceRoot::Context(&c),
+        &req(&s, "/via-link"),
+        f.root.path(),
+    )
+    .expect("copy");
+    let got = f.root.path().join("via-link");
+    assert!(got.is_dir() && !got.is_symlink());
+    assert_eq!(
+        std::fs::read_to_string(got.join("a/deep.txt")).expect("read"),
+        std::fs::read_to_string(f.ctx.path().join("src/a/deep.txt")).expect("read")
+    );
+    assert_eq!(
+        std::fs::read_link(got.join("link")).expect("a nested link stays a link"),
+        Path::new("a/deep.txt")
+    );
+    assert!(!got.join("secret.env").exists());
+}
+
+#[test]
 fn a_symlink_in_the_context_cannot_read_outside() {
     let f = fixture();
     let outside = tempfile::tempdir().expect("outside");

@@ -402,6 +402,29 @@ impl Src<'_> {
         Ok(out)
     }
 
+    /// `rel` with its symlinks resolved inside the root, relative to the root: a source that
+    /// is itself a link to a directory is copied from the directory it names (BuildKit copies
+    /// with `FollowSymlinks`), whose entries are then looked up under their own paths.
+    fn resolve(&self, rel: &str) -> std::io::Result<String> {
+        use std::os::fd::AsRawFd;
+        if rel.is_empty() {
+            return Ok(String::new());
+        }
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+            .resolve(in_root());
+        let fd = openat2(self.root.fd(), rel, how).map_err(errno)?;
+        let at = |raw: i32| std::fs::read_link(format!("/proc/self/fd/{raw}"));
+        let (path, root) = (at(fd.as_raw_fd())?, at(self.root.fd().as_raw_fd())?);
+        let inside = path
+            .strip_prefix(&root)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::NotFound))?;
+        inside
+            .to_str()
+            .map(str::to_string)
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidData))
+    }
+
     /// Whether `rel` exists (following symlinks inside the root).
     fn exists(&self, rel: &str) -> bool {
         self.stat(rel).is_ok()
@@ -518,7 +541,8 @@ pub fn copy(
                     } else {
                         None
                     };
-                    w.copy_dir(&src, &m.rel, &base, top)?;
+                    let real = src.resolve(&m.rel).map_err(io_err("resolve", &m.rel))?;
+                    w.copy_dir(&src, &real, &base, top)?;
                 } else {
                     w.copy_entry(&src, &m.rel, &base, "", true)?;
                 }
