@@ -417,3 +417,39 @@ fn hardlinks_in_a_stage_tree_stay_linked() {
     let b = std::fs::metadata(f.root.path().join("usr/bin/sh")).expect("b");
     assert_eq!(a.ino(), b.ino());
 }
+
+#[test]
+fn a_stage_tree_keeps_owners_and_setuid_bits_unless_chown() {
+    // BuildKit keeps a stage's owners (the reference's 0:0 rule is for the build context),
+    // and chown must not clear a set-user-ID bit copied with the mode.
+    let f = fixture();
+    let tree = tempfile::tempdir().expect("tree");
+    write(tree.path(), "out/tool", "ELF", 0o4755);
+    std::os::unix::fs::chown(tree.path().join("out/tool"), Some(7), Some(8)).expect("chown");
+    std::fs::set_permissions(
+        tree.path().join("out/tool"),
+        std::fs::Permissions::from_mode(0o4755),
+    )
+    .expect("chmod");
+    let s = paths(&["/out"]);
+    copy(
+        SourceRoot::Tree(tree.path()),
+        &req(&s, "/kept"),
+        f.root.path(),
+    )
+    .expect("copy");
+    let m = std::fs::metadata(f.root.path().join("kept/tool")).expect("meta");
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (7, 8, 0o4755));
+    let mut r = req(&s, "/chowned");
+    r.owner = Some(Owner { uid: 5, gid: 6 });
+    copy(SourceRoot::Tree(tree.path()), &r, f.root.path()).expect("copy");
+    let m = std::fs::metadata(f.root.path().join("chowned/tool")).expect("meta");
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (5, 6, 0o4755));
+    // From the build context, owners are 0:0 whatever they are on the host.
+    std::os::unix::fs::chown(f.ctx.path().join("run.sh"), Some(9), Some(9)).expect("chown");
+    let c = open(&f);
+    let s = paths(&["run.sh"]);
+    copy(SourceRoot::Context(&c), &req(&s, "/ctx/"), f.root.path()).expect("copy");
+    let m = std::fs::metadata(f.root.path().join("ctx/run.sh")).expect("meta");
+    assert_eq!((m.uid(), m.gid()), (0, 0));
+}

@@ -14,8 +14,10 @@ use crate::ir::{Copy, CopyFrom, Op, Source};
 use sha2::{Digest as _, Sha256};
 use std::path::{Path, PathBuf};
 
-/// Format version of keys: bump when what goes into them changes.
-const KEY_VERSION: &str = "kiln-step-key-v1";
+/// Format version of keys: bump when what goes into them changes, or what a step makes of
+/// them (v2: COPY --from keeps the stage's owners and set-user-ID bits, WORKDIR's group,
+/// RUN's supplementary groups and symlinked directory sources changed).
+const KEY_VERSION: &str = "kiln-step-key-v2";
 
 /// A step cache key (`sha256:…`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]

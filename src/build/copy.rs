@@ -5,7 +5,8 @@
 //! Both sides are resolved with `openat2(RESOLVE_IN_ROOT)`: a symlink in the image cannot send
 //! a write outside the destination root, and a symlink in the source (context or stage tree)
 //! cannot make it read outside the source root. Nested symlinks are copied as links. Owners
-//! are 0:0 unless `--chown`; modes and mtimes come from the source unless `--chmod`.
+//! are `--chown`'s, else 0:0 from the build context and the source's own from a stage or
+//! image tree (as BuildKit copies); modes and mtimes come from the source unless `--chmod`.
 
 use super::dockerignore::Matcher;
 use crate::ir::Source;
@@ -104,7 +105,10 @@ pub struct CopyRequest<'a> {
     pub sources: &'a [Source],
     /// Absolute destination; a trailing `/` means a directory.
     pub dest: &'a str,
-    /// Owner of everything written; `None` is 0:0.
+    /// Owner of everything written (`--chown`). `None`: 0:0 for what comes from the build
+    /// context (the reference: "All files and directories copied from the build context are
+    /// created with a UID and GID of 0"), the source's owner for what comes from a stage or
+    /// image tree (BuildKit), archive members' own owners; directories made on the way are 0:0.
     pub owner: Option<Owner>,
     /// Mode of everything written; `None` keeps the source's.
     pub chmod: Option<u32>,
@@ -476,7 +480,7 @@ pub fn copy(
     let exclude = Matcher::new(req.exclude)?;
     let mut w = Writer {
         dest,
-        owner: req.owner.unwrap_or_default(),
+        owner: req.owner,
         chmod: req.chmod,
         exclude,
         links: HashMap::new(),
@@ -556,7 +560,7 @@ pub fn copy(
 
 struct Writer<'a> {
     dest: Root,
-    owner: Owner,
+    owner: Option<Owner>,
     chmod: Option<u32>,
     exclude: Matcher,
     /// (dev, ino) of multiply-linked source files → where the first copy went.
@@ -653,8 +657,8 @@ impl Writer<'_> {
             rooted::mkdir_at(cur.as_fd(), name).map_err(io_err("mkdir", for_path))?;
             let fd = rooted::open_dir_at(cur.as_fd(), name).map_err(io_err("open", for_path))?;
             rooted::chmod_fd(fd.as_fd(), 0o755).map_err(io_err("chmod", for_path))?;
-            rooted::chown_fd(fd.as_fd(), self.owner.uid, self.owner.gid)
-                .map_err(io_err("chown", for_path))?;
+            let o = self.owner.unwrap_or_default();
+            rooted::chown_fd(fd.as_fd(), o.uid, o.gid).map_err(io_err("chown", for_path))?;
             cur = fd;
         }
         Ok(cur)
@@ -669,9 +673,9 @@ impl Writer<'_> {
         self.clear(dir.as_fd(), &name, abs, false)?;
         let mut f = rooted::create_file_at(dir.as_fd(), &name).map_err(io_err("create", abs))?;
         f.write_all(content).map_err(io_err("write", abs))?;
+        let o = self.owner.unwrap_or_default();
+        rooted::chown_fd(f.as_fd(), o.uid, o.gid).map_err(io_err("chown", abs))?;
         rooted::chmod_fd(f.as_fd(), self.chmod.unwrap_or(0o644)).map_err(io_err("chmod", abs))?;
-        rooted::chown_fd(f.as_fd(), self.owner.uid, self.owner.gid)
-            .map_err(io_err("chown", abs))?;
         self.stats.entries += 1;
         self.stats.bytes += content.len() as u64;
         Ok(())
@@ -705,10 +709,10 @@ impl Writer<'_> {
         let dir = self.ensure_dir(&c, dest_abs)?;
         self.copy_children(src, rel, dest_abs, "")?;
         if let Some(st) = top {
+            let o = self.owner_of(st);
+            rooted::chown_fd(dir.as_fd(), o.uid, o.gid).map_err(io_err("chown", dest_abs))?;
             rooted::chmod_fd(dir.as_fd(), self.mode(st.st_mode))
                 .map_err(io_err("chmod", dest_abs))?;
-            rooted::chown_fd(dir.as_fd(), self.owner.uid, self.owner.gid)
-                .map_err(io_err("chown", dest_abs))?;
             rooted::set_times_at(dir.as_fd(), OsStr::new("."), st.st_mtime, st.st_mtime_nsec)
                 .map_err(io_err("set times", dest_abs))?;
         }
@@ -762,6 +766,7 @@ impl Writer<'_> {
         let fmt = st.st_mode & libc_ifmt();
         let (ddir, dname) = self.parent(dest_abs)?;
         let mode = self.mode(st.st_mode);
+        let owner = self.owner_of(&st);
         match fmt {
             0o040000 => {
                 self.clear(ddir.as_fd(), &dname, dest_abs, true)?;
@@ -773,9 +778,9 @@ impl Writer<'_> {
                 self.copy_children(src, rel, dest_abs, below)?;
                 let d =
                     rooted::open_dir_at(ddir.as_fd(), &dname).map_err(io_err("open", dest_abs))?;
-                rooted::chmod_fd(d.as_fd(), mode).map_err(io_err("chmod", dest_abs))?;
-                rooted::chown_fd(d.as_fd(), self.owner.uid, self.owner.gid)
+                rooted::chown_fd(d.as_fd(), owner.uid, owner.gid)
                     .map_err(io_err("chown", dest_abs))?;
+                rooted::chmod_fd(d.as_fd(), mode).map_err(io_err("chmod", dest_abs))?;
                 rooted::set_times_at(d.as_fd(), OsStr::new("."), st.st_mtime, st.st_mtime_nsec)
                     .map_err(io_err("set times", dest_abs))?;
             }
@@ -786,7 +791,7 @@ impl Writer<'_> {
                 self.clear(ddir.as_fd(), &dname, dest_abs, false)?;
                 rooted::symlink_at(&target, ddir.as_fd(), &dname)
                     .map_err(io_err("symlink", dest_abs))?;
-                rooted::chown_at(ddir.as_fd(), &dname, self.owner.uid, self.owner.gid)
+                rooted::chown_at(ddir.as_fd(), &dname, owner.uid, owner.gid)
                     .map_err(io_err("chown", dest_abs))?;
                 rooted::set_times_at(ddir.as_fd(), &dname, st.st_mtime, st.st_mtime_nsec)
                     .map_err(io_err("set times", dest_abs))?;
@@ -824,9 +829,10 @@ impl Writer<'_> {
                 let mut out = rooted::create_file_at(ddir.as_fd(), &dname)
                     .map_err(io_err("create", dest_abs))?;
                 let n = std::io::copy(&mut input, &mut out).map_err(io_err("copy", dest_abs))?;
-                rooted::chmod_fd(out.as_fd(), mode).map_err(io_err("chmod", dest_abs))?;
-                rooted::chown_fd(out.as_fd(), self.owner.uid, self.owner.gid)
+                // chown before chmod: chown clears set-user-ID and set-group-ID bits.
+                rooted::chown_fd(out.as_fd(), owner.uid, owner.gid)
                     .map_err(io_err("chown", dest_abs))?;
+                rooted::chmod_fd(out.as_fd(), mode).map_err(io_err("chmod", dest_abs))?;
                 drop(out);
                 rooted::set_times_at(ddir.as_fd(), &dname, st.st_mtime, st.st_mtime_nsec)
                     .map_err(io_err("set times", dest_abs))?;
@@ -855,7 +861,7 @@ impl Writer<'_> {
                 self.clear(ddir.as_fd(), &dname, dest_abs, false)?;
                 rooted::mknod_at(ddir.as_fd(), &dname, node, mode)
                     .map_err(io_err("mknod", dest_abs))?;
-                rooted::chown_at(ddir.as_fd(), &dname, self.owner.uid, self.owner.gid)
+                rooted::chown_at(ddir.as_fd(), &dname, owner.uid, owner.gid)
                     .map_err(io_err("chown", dest_abs))?;
                 self.stats.entries += 1;
             }
@@ -897,19 +903,24 @@ impl Writer<'_> {
             root: &self.dest,
             comps: c.iter().map(|s| s.to_os_string()).collect(),
         };
-        let n = extract_tar(reader, &target, self.owner_override()).map_err(|message| {
-            CopyError::Archive {
-                path: rel.to_string(),
-                message,
-            }
+        let n = extract_tar(reader, &target, self.owner).map_err(|message| CopyError::Archive {
+            path: rel.to_string(),
+            message,
         })?;
         self.stats.entries += n;
         Ok(())
     }
 
-    /// ADD keeps the archive's owners unless `--chown` was given.
-    fn owner_override(&self) -> Option<Owner> {
-        (self.owner != Owner::default()).then_some(self.owner)
+    /// The owner of a copy of `st` (see [`CopyRequest::owner`]).
+    fn owner_of(&self, st: &FileStat) -> Owner {
+        match self.owner {
+            Some(o) => o,
+            None if self.context.is_some() => Owner::default(),
+            None => Owner {
+                uid: st.st_uid,
+                gid: st.st_gid,
+            },
+        }
     }
 }
 
