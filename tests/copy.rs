@@ -401,6 +401,59 @@ fn add_extracts_a_gzip_tar_and_rejects_dot_dot() {
 }
 
 #[test]
+fn add_keeps_set_user_id_bits_and_xattrs_of_archive_members() {
+    let f = fixture();
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([("SCHILY.xattr.user.kiln", &b"1"[..])])
+        .expect("pax");
+    let mut h = tar::Header::new_gnu();
+    h.set_size(4);
+    h.set_mode(0o4755);
+    h.set_uid(3);
+    h.set_gid(4);
+    b.append_data(&mut h, "bin/tool", &b"tool"[..])
+        .expect("append");
+    std::fs::write(f.ctx.path().join("tool.tar"), b.into_inner().expect("tar")).expect("write");
+    let c = open(&f);
+    let s = paths(&["tool.tar"]);
+    let mut r = req(&s, "/opt/");
+    r.unpack_archives = true;
+    copy(SourceRoot::Context(&c), &r, f.root.path()).expect("copy");
+    let p = f.root.path().join("opt/bin/tool");
+    let m = std::fs::metadata(&p).expect("meta");
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (3, 4, 0o4755));
+    assert_eq!(
+        xattr::get(&p, "user.kiln").expect("xattr"),
+        Some(b"1".to_vec())
+    );
+}
+
+#[test]
+fn add_copies_a_compressed_file_that_is_not_a_tar_as_it_is() {
+    // Docker extracts only what decompresses to a tar; anything else is copied.
+    let f = fixture();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, b"just text, no tar header\n").expect("gzip");
+    let bytes = gz.finish().expect("gzip");
+    std::fs::write(f.ctx.path().join("notes.txt.gz"), &bytes).expect("write");
+    std::fs::write(f.ctx.path().join("zeros.tar"), vec![0u8; 1024]).expect("write");
+    let c = open(&f);
+    let s = paths(&["notes.txt.gz", "zeros.tar"]);
+    let mut r = req(&s, "/files/");
+    r.unpack_archives = true;
+    copy(SourceRoot::Context(&c), &r, f.root.path()).expect("copy");
+    assert_eq!(
+        std::fs::read(f.root.path().join("files/notes.txt.gz")).expect("read"),
+        bytes
+    );
+    assert_eq!(
+        std::fs::read(f.root.path().join("files/zeros.tar")).expect("read"),
+        vec![0u8; 1024],
+        "an empty archive is a file, as Go's tar reader finds no header in it"
+    );
+}
+
+#[test]
 fn hardlinks_in_a_stage_tree_stay_linked() {
     let f = fixture();
     let tree = tempfile::tempdir().expect("tree");

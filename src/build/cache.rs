@@ -15,7 +15,8 @@ use sha2::{Digest as _, Sha256};
 use std::path::{Path, PathBuf};
 
 /// Format version of keys: bump when what goes into them changes, or what a step makes of
-/// them (v2: COPY --from keeps the stage's owners and set-user-ID bits, WORKDIR's group,
+/// them (v2: COPY --from keeps the stage's owners and set-user-ID bits, ADD keeps archive
+/// members' set-user-ID bits and xattrs and copies non-tar compressed files, WORKDIR's group,
 /// RUN's supplementary groups and symlinked directory sources changed).
 const KEY_VERSION: &str = "kiln-step-key-v2";
 

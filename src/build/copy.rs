@@ -877,25 +877,7 @@ impl Writer<'_> {
         kind: ArchiveKind,
         dest_abs: &str,
     ) -> Result<(), CopyError> {
-        let how = OpenHow::new()
-            .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC)
-            .resolve(in_root());
-        let fd = openat2(src.root.fd(), rel, how)
-            .map_err(errno)
-            .map_err(io_err("open", rel))?;
-        let file = File::from(fd);
-        let reader: Box<dyn Read> = match kind {
-            ArchiveKind::Tar => Box::new(file),
-            ArchiveKind::Gzip => Box::new(flate2::read::MultiGzDecoder::new(file)),
-            ArchiveKind::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(file)),
-            ArchiveKind::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(file)),
-            ArchiveKind::Zstd => Box::new(zstd::stream::read::Decoder::new(file).map_err(|e| {
-                CopyError::Archive {
-                    path: rel.to_string(),
-                    message: e.to_string(),
-                }
-            })?),
-        };
+        let reader = open_archive(src, rel, kind)?;
         let c = comps(dest_abs);
         let dir = self.ensure_dir(&c, dest_abs)?;
         drop(dir);
@@ -940,36 +922,95 @@ enum ArchiveKind {
     Zstd,
 }
 
-fn archive_kind(src: &Src<'_>, rel: &str) -> Result<Option<ArchiveKind>, CopyError> {
+fn open_source(src: &Src<'_>, rel: &str) -> Result<File, CopyError> {
     let how = OpenHow::new()
         .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC)
         .resolve(in_root());
     let fd = openat2(src.root.fd(), rel, how)
         .map_err(errno)
         .map_err(io_err("open", rel))?;
-    let mut f = File::from(fd);
-    let mut head = [0u8; 512];
+    Ok(File::from(fd))
+}
+
+/// The tar stream of the archive `rel`, decompressed.
+fn open_archive(src: &Src<'_>, rel: &str, kind: ArchiveKind) -> Result<Box<dyn Read>, CopyError> {
+    let file = open_source(src, rel)?;
+    Ok(match kind {
+        ArchiveKind::Tar => Box::new(file),
+        ArchiveKind::Gzip => Box::new(flate2::read::MultiGzDecoder::new(file)),
+        ArchiveKind::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(file)),
+        ArchiveKind::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(file)),
+        ArchiveKind::Zstd => {
+            Box::new(
+                zstd::stream::read::Decoder::new(file).map_err(|e| CopyError::Archive {
+                    path: rel.to_string(),
+                    message: e.to_string(),
+                })?,
+            )
+        }
+    })
+}
+
+/// Up to `buf.len()` bytes of `r`; a read error ends the data (a stream that is not what its
+/// magic says is simply not an archive).
+fn read_head(r: &mut dyn Read, buf: &mut [u8]) -> usize {
     let mut n = 0;
-    while n < head.len() {
-        match f.read(&mut head[n..]).map_err(io_err("read", rel))? {
-            0 => break,
-            k => n += k,
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
         }
     }
+    n
+}
+
+/// Whether ADD extracts `rel`, and how: as Docker decides, by decompressing it (gzip, bzip2,
+/// xz, zstd, or none, told by the magic bytes) and reading a first tar header. A compressed
+/// file that is not a tar, or a tar with no entries, is copied as it is.
+fn archive_kind(src: &Src<'_>, rel: &str) -> Result<Option<ArchiveKind>, CopyError> {
+    let mut head = [0u8; 6];
+    let n = read_head(&mut open_source(src, rel)?, &mut head);
     let head = &head[..n];
-    Ok(if head.starts_with(&[0x1f, 0x8b]) {
-        Some(ArchiveKind::Gzip)
+    let kind = if head.starts_with(&[0x1f, 0x8b]) {
+        ArchiveKind::Gzip
     } else if head.starts_with(b"BZh") {
-        Some(ArchiveKind::Bzip2)
+        ArchiveKind::Bzip2
     } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
-        Some(ArchiveKind::Xz)
+        ArchiveKind::Xz
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Some(ArchiveKind::Zstd)
-    } else if head.len() >= 262 && &head[257..262] == b"ustar" {
-        Some(ArchiveKind::Tar)
+        ArchiveKind::Zstd
     } else {
-        None
-    })
+        ArchiveKind::Tar
+    };
+    let mut block = [0u8; 512];
+    let n = read_head(&mut *open_archive(src, rel, kind)?, &mut block);
+    Ok((n == block.len() && is_tar_header(&block)).then_some(kind))
+}
+
+/// A tar header block, as Go's archive/tar accepts one: not all zeros (that ends an empty
+/// archive), and its checksum (octal, at 148..156) is the unsigned or signed sum of the
+/// block with the checksum field read as spaces.
+fn is_tar_header(block: &[u8; 512]) -> bool {
+    if block.iter().all(|&b| b == 0) {
+        return false;
+    }
+    let field = &block[148..156];
+    let digits: String = field
+        .iter()
+        .map(|&b| b as char)
+        .skip_while(|c| *c == ' ' || *c == '\0')
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    let Ok(want) = i64::from_str_radix(&digits, 8) else {
+        return false;
+    };
+    let (mut unsigned, mut signed) = (0i64, 0i64);
+    for (i, &b) in block.iter().enumerate() {
+        let b = if (148..156).contains(&i) { b' ' } else { b };
+        unsigned += i64::from(b);
+        signed += i64::from(b as i8);
+    }
+    want == unsigned || want == signed
 }
 
 /// `base` followed by the normal components of an archive path; `None` when it has `..`
@@ -1016,8 +1057,20 @@ fn extract_tar(
                 header.gid().unwrap_or(0) as u32,
             ),
         };
-        let mtime = header.mtime().unwrap_or(0) as i64;
+        let shown = path.display().to_string();
+        let (pax_mtime, xattrs) = crate::oci::unpack::pax_meta(&mut entry, &shown)
+            .map_err(|e| format!("{shown}: {e}"))?;
+        let (mtime, mtime_ns) = pax_mtime.unwrap_or((header.mtime().unwrap_or(0) as i64, 0));
         let at = |e: std::io::Error| format!("{}: {e}", path.display());
+        // As Docker's untar with BestEffortXattrs: an attribute the file system refuses
+        // (user.* on a symlink, say) is left out.
+        let set_xattrs = |dir: BorrowedFd<'_>, name: &OsStr| {
+            for (k, v) in &xattrs {
+                if let Err(e) = rooted::set_xattr_at(dir, name, k, v) {
+                    tracing::warn!(entry = %shown, xattr = ?k, error = %e, "xattr not applied");
+                }
+            }
+        };
         match header.entry_type() {
             tar::EntryType::Directory => {
                 match rooted::kind_at(dir.as_fd(), &name).map_err(at)? {
@@ -1029,8 +1082,9 @@ fn extract_tar(
                     None => rooted::mkdir_at(dir.as_fd(), &name).map_err(at)?,
                 }
                 let d = rooted::open_dir_at(dir.as_fd(), &name).map_err(at)?;
-                rooted::chmod_fd(d.as_fd(), mode).map_err(at)?;
                 rooted::chown_fd(d.as_fd(), uid, gid).map_err(at)?;
+                rooted::chmod_fd(d.as_fd(), mode).map_err(at)?;
+                set_xattrs(dir.as_fd(), &name);
             }
             tar::EntryType::Symlink => {
                 let target = entry
@@ -1041,14 +1095,18 @@ fn extract_tar(
                 rooted::remove_at(dir.as_fd(), &name).map_err(at)?;
                 rooted::symlink_at(target.as_os_str(), dir.as_fd(), &name).map_err(at)?;
                 rooted::chown_at(dir.as_fd(), &name, uid, gid).map_err(at)?;
+                set_xattrs(dir.as_fd(), &name);
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 // Absent is fine: remove_at ignores ENOENT.
                 rooted::remove_at(dir.as_fd(), &name).map_err(at)?;
                 let mut f = rooted::create_file_at(dir.as_fd(), &name).map_err(at)?;
                 std::io::copy(&mut entry, &mut f).map_err(at)?;
-                rooted::chmod_fd(f.as_fd(), mode).map_err(at)?;
+                // chown before chmod: chown clears set-user-ID and set-group-ID bits.
                 rooted::chown_fd(f.as_fd(), uid, gid).map_err(at)?;
+                rooted::chmod_fd(f.as_fd(), mode).map_err(at)?;
+                drop(f);
+                set_xattrs(dir.as_fd(), &name);
             }
             tar::EntryType::Link => {
                 let target = entry
@@ -1070,7 +1128,7 @@ fn extract_tar(
             // for those, not a user archive.
             _ => continue,
         }
-        rooted::set_times_at(dir.as_fd(), &name, mtime, 0).map_err(at)?;
+        rooted::set_times_at(dir.as_fd(), &name, mtime, mtime_ns).map_err(at)?;
         n += 1;
     }
     Ok(n)

@@ -434,29 +434,9 @@ impl Unpacker<'_> {
         };
         let uid = id(h.uid(), &old.uid, "uid")?;
         let gid = id(h.gid(), &old.gid, "gid")?;
-        let mut mtime = (h.mtime().unwrap_or(0) as i64, 0i64);
-        let mut xattrs = Vec::new();
-        if let Some(exts) = entry.pax_extensions().map_err(UnpackError::Read)? {
-            for ext in exts {
-                let ext = ext.map_err(UnpackError::Read)?;
-                let key = ext.key_bytes();
-                if key == b"mtime" {
-                    if let Some(t) = ext.value().ok().and_then(parse_pax_time) {
-                        mtime = t;
-                    }
-                } else if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                    // overlayfs reads trusted.overlay.*: only whiteouts may set it.
-                    if name.starts_with(b"trusted.overlay.") {
-                        tracing::warn!(entry = %path, "overlayfs xattr in a layer ignored");
-                        continue;
-                    }
-                    xattrs.push((
-                        OsStr::from_bytes(name).to_os_string(),
-                        ext.value_bytes().to_vec(),
-                    ));
-                }
-            }
-        }
+        let header_mtime = (h.mtime().unwrap_or(0) as i64, 0i64);
+        let (pax_mtime, xattrs) = pax_meta(entry, path).map_err(UnpackError::Read)?;
+        let mtime = pax_mtime.unwrap_or(header_mtime);
         Ok(Meta {
             mode,
             uid,
@@ -575,6 +555,38 @@ fn write<'a>(step: &'static str, path: &'a str) -> impl Fn(io::Error) -> UnpackE
 }
 
 /// A PAX time (`1700000000.25`) as seconds and nanoseconds.
+/// What the PAX records of `entry` (at `path`, for logs) add to its header: the `mtime`
+/// (seconds, nanoseconds) and the `SCHILY.xattr.*` attributes, without overlayfs's own
+/// `trusted.overlay.*` (only whiteouts may set those). Layers and ADDed archives both apply it.
+pub fn pax_meta<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    path: &str,
+) -> io::Result<(Option<(i64, i64)>, Vec<(OsString, Vec<u8>)>)> {
+    let mut mtime = None;
+    let mut xattrs = Vec::new();
+    if let Some(exts) = entry.pax_extensions()? {
+        for ext in exts {
+            let ext = ext?;
+            let key = ext.key_bytes();
+            if key == b"mtime" {
+                if let Some(t) = ext.value().ok().and_then(parse_pax_time) {
+                    mtime = Some(t);
+                }
+            } else if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                if name.starts_with(b"trusted.overlay.") {
+                    tracing::warn!(entry = %path, "overlayfs xattr in an archive ignored");
+                    continue;
+                }
+                xattrs.push((
+                    OsStr::from_bytes(name).to_os_string(),
+                    ext.value_bytes().to_vec(),
+                ));
+            }
+        }
+    }
+    Ok((mtime, xattrs))
+}
+
 fn parse_pax_time(s: &str) -> Option<(i64, i64)> {
     let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
     let secs: i64 = secs.parse().ok()?;
