@@ -103,6 +103,28 @@ pub enum Op {
     },
 }
 
+/// `url` with the password of its user info (`https://user:pass@host/…`) replaced by `xxxxx`,
+/// as BuildKit shows URLs in logs and errors.
+pub fn redact_credentials(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    match authority.rsplit_once('@') {
+        Some((user_info, host)) => {
+            let user = user_info.split_once(':').map_or(user_info, |(u, _)| u);
+            let masked = if user_info.contains(':') {
+                format!("{user}:xxxxx")
+            } else {
+                "xxxxx".to_string()
+            };
+            format!("{scheme}://{masked}@{host}{tail}")
+        }
+        None => url.to_string(),
+    }
+}
+
 impl Op {
     /// A one-line, Dockerfile-like description for logs and `image create` JSON
     /// (`RUN apt-get update`, `COPY app.py /app/`), rendered from the IR alone.
@@ -112,7 +134,7 @@ impl Op {
                 .map(|s| match s {
                     Source::Path { path } => path.clone(),
                     Source::Inline { name, .. } => format!("<<{name}"),
-                    Source::Url { url } | Source::Git { url } => url.clone(),
+                    Source::Url { url } | Source::Git { url } => redact_credentials(url),
                 })
                 .collect::<Vec<_>>()
                 .join(" ")
@@ -554,6 +576,26 @@ impl ImageConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_urls_are_masked() {
+        assert_eq!(
+            redact_credentials("https://bob:s3cret@h.example/a@b?x#y"),
+            "https://bob:xxxxx@h.example/a@b?x#y"
+        );
+        assert_eq!(
+            redact_credentials("https://tok3n@h.example/r.git"),
+            "https://xxxxx@h.example/r.git"
+        );
+        assert_eq!(
+            redact_credentials("https://h.example/a@b"),
+            "https://h.example/a@b"
+        );
+        assert_eq!(
+            redact_credentials("git@github.com:o/r.git"),
+            "git@github.com:o/r.git"
+        );
+    }
 
     #[test]
     fn env_set_replaces_in_place() {

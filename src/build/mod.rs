@@ -9,6 +9,7 @@ pub mod copy;
 pub mod dockerignore;
 pub mod driver;
 pub mod executor;
+pub mod fetch;
 pub mod overlay;
 pub mod run;
 pub mod sys;

@@ -12,6 +12,7 @@ use super::context::BuildContext;
 use super::copy::{self, CopyRequest, Owner, SourceRoot};
 use super::driver::{Driver, StepRequest};
 use super::executor::{PreparedMount, Stdio, Stream};
+use super::fetch::{self, FetchError, GitRef};
 use super::overlay::{self, Layers, Overlay};
 use crate::ir::{Base, CopyFrom, ImageConfig, ImageSpec, Mount, Op, Source};
 use std::collections::BTreeMap;
@@ -102,6 +103,17 @@ pub enum BuildError {
         instruction: String,
         /// What.
         message: String,
+    },
+    /// ADD could not fetch a URL or git repository, or its checksum did not match.
+    #[error("step {step} ({instruction}): {source}")]
+    Fetch {
+        /// 1-based step number.
+        step: usize,
+        /// The step.
+        instruction: String,
+        /// Why.
+        #[source]
+        source: FetchError,
     },
     /// Mounting a view of layers failed.
     #[error("mounting layers: {0}")]
@@ -296,6 +308,16 @@ struct Loop<'a, 'o> {
     number: usize,
     steps: Vec<StepReport>,
     built: BTreeMap<usize, BuiltStage>,
+    /// The remote sources of the ADD step being keyed and run.
+    remote: Option<Remote>,
+}
+
+/// ADD's URLs and git repositories, fetched (or resolved) while keying the step, by source
+/// index (see [`fetch`] for what goes into the key).
+struct Remote {
+    dir: tempfile::TempDir,
+    urls: BTreeMap<usize, fetch::Download>,
+    commits: BTreeMap<usize, String>,
 }
 
 /// Builds every stage of `spec` (dependencies first, as the spec orders them).
@@ -318,6 +340,7 @@ pub fn build(
         number: 0,
         steps: Vec::new(),
         built: BTreeMap::new(),
+        remote: None,
     };
     let mut order = Vec::new();
     for stage in &spec.stages {
@@ -430,10 +453,33 @@ impl Loop<'_, '_> {
     }
 
     /// What a step reads besides its IR, for its key.
-    fn inputs(&self, op: &Op, number: usize, instruction: &str) -> Result<StepInputs, BuildError> {
+    fn inputs(
+        &mut self,
+        op: &Op,
+        number: usize,
+        instruction: &str,
+    ) -> Result<StepInputs, BuildError> {
+        self.remote = None;
         let (sources, from) = match op {
             Op::Copy(c) => (&c.sources, c.from.as_ref()),
-            Op::Add(a) => (&a.sources, None),
+            Op::Add(a) => {
+                let mut inputs =
+                    cache::copy_inputs(self.ctx, &a.sources, None).map_err(|source| {
+                        BuildError::Context {
+                            step: number,
+                            instruction: instruction.to_string(),
+                            source,
+                        }
+                    })?;
+                inputs
+                    .digests
+                    .extend(self.remote_inputs(a).map_err(|source| BuildError::Fetch {
+                        step: number,
+                        instruction: instruction.to_string(),
+                        source,
+                    })?);
+                return Ok(inputs);
+            }
             Op::Run(r) => {
                 // Bind/cache mounts from stages read those stages.
                 let mut digests = Vec::new();
@@ -479,6 +525,164 @@ impl Loop<'_, '_> {
             instruction: instruction.to_string(),
             source,
         })
+    }
+
+    /// The key inputs of ADD's remote sources: a URL's `--checksum` (no request), else its
+    /// content digest and `Last-Modified` (downloaded now, kept for the copy); a git source's
+    /// resolved commit.
+    fn remote_inputs(&mut self, a: &crate::ir::Add) -> Result<Vec<String>, FetchError> {
+        let mut out = Vec::new();
+        for (i, s) in a.sources.iter().enumerate() {
+            match s {
+                Source::Url { url } => match &a.checksum {
+                    Some(c) => out.push(format!("url:{i}:{c}")),
+                    None => {
+                        let d = self.download(i, url)?;
+                        out.push(format!("url:{i}:{}:{}", d.sha256, d.last_modified));
+                    }
+                },
+                Source::Git { url } => {
+                    let commit = fetch::resolve_commit(&GitRef::parse(url))?;
+                    if let Some(c) = &a.checksum
+                        && !(c.len() >= 7 && commit.starts_with(&c.to_ascii_lowercase()))
+                    {
+                        return Err(FetchError::Checksum {
+                            url: crate::ir::redact_credentials(url),
+                            got: commit,
+                            expected: c.clone(),
+                        });
+                    }
+                    out.push(format!("git:{i}:{commit}"));
+                    self.remote()?.commits.insert(i, commit);
+                }
+                Source::Path { .. } | Source::Inline { .. } => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// The step's remote scratch tree, made on first use.
+    fn remote(&mut self) -> Result<&mut Remote, FetchError> {
+        let scratch = &self.opts.scratch;
+        if self.remote.is_none() {
+            let dir = tempfile::Builder::new()
+                .prefix("fetch-")
+                .tempdir_in(scratch)
+                .map_err(|source| FetchError::Io {
+                    what: "make a download directory in",
+                    path: scratch.clone(),
+                    source,
+                })?;
+            self.remote = Some(Remote {
+                dir,
+                urls: BTreeMap::new(),
+                commits: BTreeMap::new(),
+            });
+        }
+        Ok(self
+            .remote
+            .get_or_insert_with(|| unreachable!("made above")))
+    }
+
+    /// Source `i`'s download, fetched now unless keying the step already did.
+    fn download(&mut self, i: usize, url: &str) -> Result<fetch::Download, FetchError> {
+        let remote = self.remote()?;
+        if let Some(d) = remote.urls.get(&i) {
+            return Ok(d.clone());
+        }
+        let rel = format!("{i}/{}", fetch::file_name(url));
+        let d = fetch::download(url, remote.dir.path(), &rel)?;
+        remote.urls.insert(i, d.clone());
+        Ok(d)
+    }
+
+    /// ADD with URL or git sources: each remote source copied from its scratch tree, runs of
+    /// local ones from the context, in source order (several sources need a `/` destination,
+    /// so one copy per run places files as one copy of all would).
+    fn add_remote(
+        &mut self,
+        a: &crate::ir::Add,
+        owner: Option<Owner>,
+        root: &Path,
+        number: usize,
+        instruction: &str,
+    ) -> Result<(), BuildError> {
+        let fetch_err = |source| BuildError::Fetch {
+            step: number,
+            instruction: instruction.to_string(),
+            source,
+        };
+        let copy_err = |source| BuildError::Copy {
+            step: number,
+            instruction: instruction.to_string(),
+            source,
+        };
+        let copy_from = |from: SourceRoot<'_>, sources: &[Source], unpack: bool| {
+            let req = CopyRequest {
+                sources,
+                dest: &a.dest,
+                owner,
+                chmod: a.chmod,
+                exclude: &a.exclude,
+                parents: false,
+                unpack_archives: unpack,
+            };
+            copy::copy(from, &req, root).map(|_| ()).map_err(copy_err)
+        };
+        let mut local: Vec<Source> = Vec::new();
+        for (i, s) in a.sources.iter().enumerate() {
+            let remote = matches!(s, Source::Url { .. } | Source::Git { .. });
+            if remote && !local.is_empty() {
+                copy_from(
+                    SourceRoot::Context(self.ctx),
+                    &local,
+                    a.unpack.unwrap_or(true),
+                )?;
+                local.clear();
+            }
+            match s {
+                Source::Url { url } => {
+                    let d = self.download(i, url).map_err(fetch_err)?;
+                    let dir = self.remote().map_err(fetch_err)?.dir.path().to_path_buf();
+                    if let Some(c) = &a.checksum {
+                        fetch::verify(&dir.join(&d.rel), &d.sha256, c, url).map_err(fetch_err)?;
+                    }
+                    let name = fetch::literal_pattern(&fetch::file_name(url));
+                    let sources = [Source::Path {
+                        path: format!("{i}/{name}"),
+                    }];
+                    // Remote archives stay archives unless `--unpack=true`.
+                    copy_from(SourceRoot::Tree(&dir), &sources, a.unpack == Some(true))?;
+                }
+                Source::Git { url } => {
+                    let r = GitRef::parse(url);
+                    let known = self.remote().map_err(fetch_err)?.commits.get(&i).cloned();
+                    let commit = match known {
+                        Some(c) => c,
+                        None => fetch::resolve_commit(&r).map_err(fetch_err)?,
+                    };
+                    let dir = self
+                        .remote()
+                        .map_err(fetch_err)?
+                        .dir
+                        .path()
+                        .join(format!("git-{i}"));
+                    let tree =
+                        fetch::checkout(&r, &commit, &dir, a.keep_git_dir).map_err(fetch_err)?;
+                    let sources = [Source::Path { path: ".".into() }];
+                    copy_from(SourceRoot::Tree(&tree), &sources, false)?;
+                }
+                Source::Path { .. } | Source::Inline { .. } => local.push(s.clone()),
+            }
+        }
+        if !local.is_empty() {
+            copy_from(
+                SourceRoot::Context(self.ctx),
+                &local,
+                a.unpack.unwrap_or(true),
+            )?;
+        }
+        Ok(())
     }
 
     /// Runs a step that changes files on top of `layers`; returns its committed layer.
@@ -578,20 +782,16 @@ impl Loop<'_, '_> {
                 Ok(())
             }
             Op::Add(a) => {
-                if a.sources
-                    .iter()
-                    .any(|s| matches!(s, Source::Url { .. } | Source::Git { .. }))
-                {
-                    return Err(BuildError::Unsupported {
-                        step: number,
-                        instruction: instruction.to_string(),
-                        message: "ADD of URLs and git repositories is not supported yet".into(),
-                    });
-                }
                 let owner = match &a.chown {
                     Some(spec) => Some(copy::resolve_owner(root, spec).map_err(copy_err)?),
                     None => None,
                 };
+                if a.sources
+                    .iter()
+                    .any(|s| matches!(s, Source::Url { .. } | Source::Git { .. }))
+                {
+                    return self.add_remote(a, owner, root, number, instruction);
+                }
                 let req = CopyRequest {
                     sources: &a.sources,
                     dest: &a.dest,

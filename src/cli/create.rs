@@ -424,6 +424,16 @@ fn pipeline_error(e: PipelineError, def: &Definition) -> CliError {
         PipelineError::Build(BuildError::Base { .. }) => {
             CliError::new(Exit::NotFound, "not_found", e.to_string(), None)
         }
+        // A checksum mismatch or an error status is the build failing (as in Docker); no
+        // connection is the environment.
+        PipelineError::Build(BuildError::Fetch { ref source, .. }) => {
+            let exit = if source.is_environment() {
+                Exit::Environment
+            } else {
+                Exit::Failed
+            };
+            CliError::new(exit, "fetch_failed", e.to_string(), None)
+        }
         PipelineError::Build(BuildError::Driver {
             source: crate::build::driver::DriverError::Interrupted { .. },
             ..
