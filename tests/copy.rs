@@ -506,3 +506,16 @@ fn a_stage_tree_keeps_owners_and_setuid_bits_unless_chown() {
     let m = std::fs::metadata(f.root.path().join("ctx/run.sh")).expect("meta");
     assert_eq!((m.uid(), m.gid()), (0, 0));
 }
+
+#[test]
+fn xattrs_of_context_files_and_directories_are_copied() {
+    let f = fixture();
+    xattr::set(f.ctx.path().join("app.py"), "user.kiln", b"file").expect("xattr");
+    xattr::set(f.ctx.path().join("src/a"), "user.kiln", b"dir").expect("xattr");
+    let c = open(&f);
+    let s = paths(&["app.py", "src"]);
+    copy(SourceRoot::Context(&c), &req(&s, "/x/"), f.root.path()).expect("copy");
+    let get = |p: &str| xattr::get(f.root.path().join(p), "user.kiln").expect("xattr");
+    assert_eq!(get("x/app.py"), Some(b"file".to_vec()));
+    assert_eq!(get("x/a"), Some(b"dir".to_vec()));
+}

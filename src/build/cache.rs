@@ -17,8 +17,9 @@ use std::path::{Path, PathBuf};
 /// Format version of keys: bump when what goes into them changes, or what a step makes of
 /// them (v2: COPY --from keeps the stage's owners and set-user-ID bits, ADD keeps archive
 /// members' set-user-ID bits and xattrs and copies non-tar compressed files, WORKDIR's group,
-/// RUN's supplementary groups and symlinked directory sources changed).
-const KEY_VERSION: &str = "kiln-step-key-v2";
+/// RUN's supplementary groups and symlinked directory sources changed; v3: COPY copies
+/// xattrs, and an excluded directory comes back with what a `!` exception keeps below it).
+const KEY_VERSION: &str = "kiln-step-key-v3";
 
 /// A step cache key (`sha256:…`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]

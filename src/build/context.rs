@@ -144,6 +144,8 @@ impl BuildContext {
             })?,
         };
         let mut entries = BTreeMap::new();
+        // Excluded directories walked for `!` exceptions: kept if something below comes back.
+        let mut excluded_dirs: HashMap<String, u32> = HashMap::new();
         let mut walk = walkdir::WalkDir::new(root)
             .follow_links(false)
             .sort_by_file_name()
@@ -169,6 +171,8 @@ impl BuildContext {
                 // Without `!` patterns nothing below an excluded directory can come back.
                 if is_dir && !matcher.has_exclusions() {
                     walk.skip_current_dir();
+                } else if is_dir && let Ok(meta) = item.metadata() {
+                    excluded_dirs.insert(rel, meta.permissions().mode() & 0o7777);
                 }
                 continue;
             }
@@ -195,6 +199,22 @@ impl BuildContext {
                 tracing::debug!(path = %rel, "skipping special file in the build context");
                 continue;
             };
+            // An entry an exception brings back below an excluded directory brings that
+            // directory too (as BuildKit's context transfer sends the parents of what it
+            // sends), with its own mode.
+            let mut parent = rel.as_str();
+            while let Some((up, _)) = parent.rsplit_once('/') {
+                if let Some(mode) = excluded_dirs.remove(up) {
+                    entries.insert(
+                        up.to_string(),
+                        Entry {
+                            kind: EntryKind::Dir,
+                            mode,
+                        },
+                    );
+                }
+                parent = up;
+            }
             entries.insert(rel, Entry { kind, mode });
         }
         Ok(BuildContext {
@@ -367,9 +387,13 @@ mod tests {
                 "Dockerfile",
                 "a",
                 "a/foo",
+                "dir",
                 "dir/keep"
             ]
         );
+        // The excluded directory comes back as the parent of what came back, so a COPY of
+        // the context reaches dir/keep.
+        assert_eq!(c.get("dir").map(|e| &e.kind), Some(&EntryKind::Dir));
     }
 
     #[test]

@@ -781,6 +781,12 @@ impl Writer<'_> {
                 rooted::chown_fd(d.as_fd(), owner.uid, owner.gid)
                     .map_err(io_err("chown", dest_abs))?;
                 rooted::chmod_fd(d.as_fd(), mode).map_err(io_err("chmod", dest_abs))?;
+                copy_xattrs(
+                    rooted::xattrs_at(sdir.as_fd(), OsStr::new(sname)),
+                    d.as_fd(),
+                    OsStr::new("."),
+                    dest_abs,
+                );
                 rooted::set_times_at(d.as_fd(), OsStr::new("."), st.st_mtime, st.st_mtime_nsec)
                     .map_err(io_err("set times", dest_abs))?;
             }
@@ -793,6 +799,12 @@ impl Writer<'_> {
                     .map_err(io_err("symlink", dest_abs))?;
                 rooted::chown_at(ddir.as_fd(), &dname, owner.uid, owner.gid)
                     .map_err(io_err("chown", dest_abs))?;
+                copy_xattrs(
+                    rooted::xattrs_at(sdir.as_fd(), OsStr::new(sname)),
+                    ddir.as_fd(),
+                    &dname,
+                    dest_abs,
+                );
                 rooted::set_times_at(ddir.as_fd(), &dname, st.st_mtime, st.st_mtime_nsec)
                     .map_err(io_err("set times", dest_abs))?;
                 self.stats.entries += 1;
@@ -833,6 +845,13 @@ impl Writer<'_> {
                 rooted::chown_fd(out.as_fd(), owner.uid, owner.gid)
                     .map_err(io_err("chown", dest_abs))?;
                 rooted::chmod_fd(out.as_fd(), mode).map_err(io_err("chmod", dest_abs))?;
+                // After chown, which drops security.capability.
+                copy_xattrs(
+                    rooted::xattrs_at(input.as_fd(), OsStr::new(".")),
+                    out.as_fd(),
+                    OsStr::new("."),
+                    dest_abs,
+                );
                 drop(out);
                 rooted::set_times_at(ddir.as_fd(), &dname, st.st_mtime, st.st_mtime_nsec)
                     .map_err(io_err("set times", dest_abs))?;
@@ -902,6 +921,32 @@ impl Writer<'_> {
                 uid: st.st_uid,
                 gid: st.st_gid,
             },
+        }
+    }
+}
+
+/// Puts the source's extended attributes (as BuildKit's copy does, context files included) on
+/// `name` in `dir`. Best effort, as Docker's: an attribute the destination refuses (user.* on
+/// a symlink, say) is left out with a warning; overlayfs's own trusted.overlay.* never moves.
+fn copy_xattrs(
+    from: std::io::Result<Vec<(OsString, Vec<u8>)>>,
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    path: &str,
+) {
+    let attrs = match from {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(entry = %path, error = %e, "xattrs not read");
+            return;
+        }
+    };
+    for (k, v) in attrs {
+        if k.as_bytes().starts_with(b"trusted.overlay.") {
+            continue;
+        }
+        if let Err(e) = rooted::set_xattr_at(dir, name, &k, &v) {
+            tracing::warn!(entry = %path, xattr = ?k, error = %e, "xattr not applied");
         }
     }
 }
