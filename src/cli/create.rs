@@ -5,10 +5,10 @@ use super::base::cli_error;
 use super::dockerfile::read_dockerfile;
 use super::lower::{dockerfile_path, parse_build_arg};
 use super::output::{CliError, Exit};
+use super::progress::{Mode, StepProgress};
 use super::snapshot::{import, open_registry};
 use crate::build::cgroup::Limits;
 use crate::build::driver::NamespaceDriver;
-use crate::build::executor::Stream;
 use crate::build::run::{BuildError, Event};
 use crate::frontend::{self, LowerOptions, Lowered, dockerfile, sdk};
 use crate::ir::{Network, Op};
@@ -17,7 +17,6 @@ use crate::registry::{self, BaseRef, Registration};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -45,11 +44,11 @@ pub enum NetworkFlag {
 /// How progress is shown on stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ProgressFlag {
-    /// Plain lines (bars come with a TTY renderer later).
+    /// A spinner per step when stderr is a terminal, else plain lines.
     Auto,
-    /// Plain lines.
+    /// Plain lines: `#N/TOTAL INSTRUCTION`, `#N | OUTPUT`.
     Plain,
-    /// Same as plain for now.
+    /// Spinners (plain lines when stderr is not a terminal).
     Tty,
     /// Nothing but errors.
     Quiet,
@@ -233,34 +232,8 @@ pub fn run(args: &CreateArgs, ctx: &Ctx) -> Result<(), CliError> {
         }
         Ok(lowered)
     };
-    let quiet = args.progress == ProgressFlag::Quiet || ctx.out.quiet();
-    let mut err = std::io::stderr();
-    let mut events = |e: Event<'_>| {
-        if quiet {
-            return;
-        }
-        let _ = match e {
-            Event::Step {
-                number,
-                total,
-                instruction,
-                cached,
-            } => writeln!(
-                err,
-                "#{number}/{total} {}{instruction}",
-                if cached { "CACHED " } else { "" }
-            ),
-            Event::Output {
-                number,
-                stream,
-                line,
-            } => writeln!(
-                err,
-                "#{number} {}{line}",
-                if stream == Stream::Stderr { "! " } else { "| " }
-            ),
-        };
-    };
+    let mut progress = StepProgress::new(Mode::choose(args.progress, ctx.out.quiet()));
+    let mut events = |e: Event<'_>| progress.event(e);
     let req = BuildRequest {
         lower: &lower,
         context,
@@ -276,8 +249,10 @@ pub fn run(args: &CreateArgs, ctx: &Ctx) -> Result<(), CliError> {
         },
         secrets,
     };
-    let built = pipeline::build(&home, &req, &NamespaceDriver, &mut events)
-        .map_err(|e| pipeline_error(e, &def))?;
+    let built = pipeline::build(&home, &req, &NamespaceDriver, &mut events);
+    // The last step's spinner stops before the snapshot is made (or the error shows).
+    progress.finish();
+    let built = built.map_err(|e| pipeline_error(e, &def))?;
     for l in &built.lowered.lints {
         if let Definition::Dockerfile { path, .. } = &def {
             ctx.out

@@ -9,6 +9,7 @@ mod gc;
 mod image;
 mod lower;
 mod output;
+mod progress;
 mod snapshot;
 
 use clap::{Parser, Subcommand};
