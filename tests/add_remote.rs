@@ -507,3 +507,47 @@ fn git_checksum_is_the_commit_and_unknown_refs_fail_clearly() {
     assert!(matches!(e, FetchError::Git { .. }), "{e}");
     assert!(msg.contains("no-such-branch"), "{msg}");
 }
+
+#[test]
+fn image_create_exits_1_on_a_checksum_mismatch_and_registers_nothing() {
+    let h = home();
+    let srv = Server::start();
+    std::fs::write(
+        h.ctx.path().join("Dockerfile"),
+        format!(
+            "FROM scratch\nADD --checksum=sha256:{} {} /x\n",
+            sha256("other"),
+            srv.url("/files/hello.txt")
+        ),
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--home")
+        .arg(h.home.path())
+        .args([
+            "image",
+            "create",
+            "-n",
+            "remote",
+            "--disk_mb",
+            "16",
+            "--json",
+        ])
+        .arg(h.ctx.path())
+        .output()
+        .expect("kiln runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("error JSON");
+    assert_eq!(v["error"]["code"], "fetch_failed", "{v}");
+    let msg = v["error"]["message"].as_str().expect("message");
+    assert!(msg.contains("checksum mismatch"), "{msg}");
+    let ls = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--home")
+        .arg(h.home.path())
+        .args(["image", "ls", "--json"])
+        .output()
+        .expect("kiln runs");
+    let names: serde_json::Value = serde_json::from_slice(&ls.stdout).expect("ls JSON");
+    assert_eq!(names, serde_json::json!([]));
+}
