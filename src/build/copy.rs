@@ -1103,9 +1103,10 @@ fn extract_tar(
             ),
         };
         let shown = path.display().to_string();
-        let (pax_mtime, xattrs) = crate::oci::unpack::pax_meta(&mut entry, &shown)
+        let pax = crate::oci::unpack::pax_meta(&mut entry, &shown)
             .map_err(|e| format!("{shown}: {e}"))?;
-        let (mtime, mtime_ns) = pax_mtime.unwrap_or((header.mtime().unwrap_or(0) as i64, 0));
+        let xattrs = pax.xattrs;
+        let (mtime, mtime_ns) = pax.mtime.unwrap_or((header.mtime().unwrap_or(0) as i64, 0));
         let at = |e: std::io::Error| format!("{}: {e}", path.display());
         // As Docker's untar with BestEffortXattrs: an attribute the file system refuses
         // (user.* on a symlink, say) is left out.

@@ -435,7 +435,10 @@ impl Unpacker<'_> {
         let uid = id(h.uid(), &old.uid, "uid")?;
         let gid = id(h.gid(), &old.gid, "gid")?;
         let header_mtime = (h.mtime().unwrap_or(0) as i64, 0i64);
-        let (pax_mtime, xattrs) = pax_meta(entry, path).map_err(UnpackError::Read)?;
+        let PaxMeta {
+            mtime: pax_mtime,
+            xattrs,
+        } = pax_meta(entry, path).map_err(UnpackError::Read)?;
         let mtime = pax_mtime.unwrap_or(header_mtime);
         Ok(Meta {
             mode,
@@ -555,13 +558,18 @@ fn write<'a>(step: &'static str, path: &'a str) -> impl Fn(io::Error) -> UnpackE
 }
 
 /// A PAX time (`1700000000.25`) as seconds and nanoseconds.
-/// What the PAX records of `entry` (at `path`, for logs) add to its header: the `mtime`
-/// (seconds, nanoseconds) and the `SCHILY.xattr.*` attributes, without overlayfs's own
+/// What the PAX records of a tar entry add to its header.
+#[derive(Debug, Default)]
+pub struct PaxMeta {
+    /// `mtime` (seconds, nanoseconds).
+    pub mtime: Option<(i64, i64)>,
+    /// `SCHILY.xattr.*` attributes.
+    pub xattrs: Vec<(OsString, Vec<u8>)>,
+}
+
+/// The [`PaxMeta`] of `entry` (at `path`, for logs), without overlayfs's own
 /// `trusted.overlay.*` (only whiteouts may set those). Layers and ADDed archives both apply it.
-pub fn pax_meta<R: Read>(
-    entry: &mut tar::Entry<'_, R>,
-    path: &str,
-) -> io::Result<(Option<(i64, i64)>, Vec<(OsString, Vec<u8>)>)> {
+pub fn pax_meta<R: Read>(entry: &mut tar::Entry<'_, R>, path: &str) -> io::Result<PaxMeta> {
     let mut mtime = None;
     let mut xattrs = Vec::new();
     if let Some(exts) = entry.pax_extensions()? {
@@ -584,7 +592,7 @@ pub fn pax_meta<R: Read>(
             }
         }
     }
-    Ok((mtime, xattrs))
+    Ok(PaxMeta { mtime, xattrs })
 }
 
 fn parse_pax_time(s: &str) -> Option<(i64, i64)> {
