@@ -66,7 +66,10 @@ fn chroot(root: &Path, args: &[&str]) -> (i32, String) {
         .arg(root)
         .args(args)
         .env_clear()
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
         .output()
         .expect("chroot runs");
     (
