@@ -10,4 +10,5 @@ pub mod ir;
 pub mod oci;
 pub mod pipeline;
 pub mod registry;
+pub mod sbx;
 pub mod snapshot;

@@ -307,9 +307,71 @@ fn mount_legacy(
     })
 }
 
+/// Decodes a path field of `/proc/self/mountinfo` (space, tab, newline and backslash are
+/// written as `\ooo`).
+fn unescape_mountinfo(field: &str) -> std::path::PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = b[i + 1..i + 4]
+                .iter()
+                .fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
+            if let Ok(byte) = u8::try_from(v) {
+                out.push(byte);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    std::ffi::OsString::from_vec(out).into()
+}
+
+/// Unmounts every mount of this mount namespace at or below `dir`, deepest first (lazily when
+/// busy): what a killed process left mounted there. Returns how many.
+pub fn unmount_under(dir: &Path) -> io::Result<usize> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mountinfo)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    // Deeper paths sort after their parents; a path mounted twice is unmounted twice.
+    points.sort();
+    let mut n = 0;
+    for p in points.iter().rev() {
+        match nix::mount::umount2(p, MntFlags::empty()) {
+            Ok(()) => n += 1,
+            Err(nix::errno::Errno::EBUSY) => {
+                nix::mount::umount2(p, MntFlags::MNT_DETACH).map_err(io::Error::from)?;
+                n += 1;
+            }
+            Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(
+            unescape_mountinfo(r"/a\040b\011c\134d\12"),
+            PathBuf::from("/a b\tc\\d\\12")
+        );
+    }
 
     #[test]
     fn legacy_options_reject_separator_characters() {

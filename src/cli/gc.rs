@@ -86,7 +86,19 @@ async fn run_async(args: &GcArgs, ctx: &Ctx) -> Result<(), CliError> {
         .into_iter()
         .map(|r| (r.id.to_string(), r))
         .collect();
-    let referenced = reg.referenced_snapshots().await?;
+    let mut referenced = reg.referenced_snapshots().await?;
+    // Sandboxes keep their image's snapshot alive even after its name moves or goes; the
+    // shared read-only mounts of the other snapshots are released first, so a removed disk
+    // is never left mounted.
+    let sandboxes = crate::sbx::Sandboxes::open(&ctx.home()?)?;
+    let sandbox_leftovers = sandboxes.remove_leftovers()?;
+    let in_use: std::collections::BTreeSet<String> = sandboxes
+        .all()?
+        .into_iter()
+        .map(|r| r.snapshot_id)
+        .collect();
+    let unmounted = sandboxes.unmount_unused(&in_use)?;
+    referenced.extend(in_use.iter().cloned());
     let grace = Duration::from_secs(args.grace_seconds);
     let now = SystemTime::now();
     let mut removed = Vec::new();
@@ -212,7 +224,14 @@ async fn run_async(args: &GcArgs, ctx: &Ctx) -> Result<(), CliError> {
     );
     ctx.out.result(
         &text,
-        &json!({"removed_snapshots": removed, "removed_files": files, "base": base, "freed_bytes": freed}),
+        &json!({
+            "removed_snapshots": removed,
+            "removed_files": files,
+            "base": base,
+            "freed_bytes": freed,
+            "unmounted_snapshots": unmounted,
+            "removed_sandbox_leftovers": sandbox_leftovers,
+        }),
     )
 }
 

@@ -10,6 +10,7 @@ mod image;
 mod lower;
 mod output;
 mod progress;
+mod sbx;
 mod snapshot;
 
 use clap::{Parser, Subcommand};
@@ -72,6 +73,9 @@ enum Commands {
     /// Base images: pull from a registry, import, list, remove.
     #[command(subcommand)]
     Base(base::BaseCommand),
+    /// Sandboxes launched from registered images.
+    #[command(subcommand)]
+    Sbx(sbx::SbxCommand),
 }
 
 /// Runs the CLI and maps the outcome to an exit code.
@@ -107,6 +111,11 @@ pub fn main() -> std::process::ExitCode {
             Err(e) => Err(e),
         },
         Commands::Base(cmd) => base::run(cmd, &ctx),
+        // run and exec exit with the sandbox command's code.
+        Commands::Sbx(cmd) => match sbx::run(cmd, &ctx) {
+            Ok(code) => return code.into(),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => Exit::Ok.into(),

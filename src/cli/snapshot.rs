@@ -268,6 +268,18 @@ pub async fn import(
     source: &std::path::Path,
     disk_mb: u64,
 ) -> Result<SnapshotRecord, CliError> {
+    import_child(ctx, reg, source, disk_mb, None).await
+}
+
+/// [`import`] of a tree derived from snapshot `parent` (a sandbox's root), recorded as its
+/// child.
+pub async fn import_child(
+    ctx: &Ctx,
+    reg: &Registry,
+    source: &std::path::Path,
+    disk_mb: u64,
+    parent: Option<&SnapshotId>,
+) -> Result<SnapshotRecord, CliError> {
     let epoch = match std::env::var(crate::envvars::SOURCE_DATE_EPOCH) {
         Ok(v) if !v.is_empty() => Some(v.trim().parse::<i64>().map_err(|_| {
             CliError::usage(
@@ -282,7 +294,7 @@ pub async fn import(
     let prepared = snapshot::ext4::prepare(&tree, opts)?;
     let store = open_store(ctx)?;
     let id = SnapshotId::generate();
-    reg.snapshot_begin(&id, disk_mb, None, Owner::current())
+    reg.snapshot_begin(&id, disk_mb, parent, Owner::current())
         .await?;
     // Writing is blocking work; it runs on this runtime thread, which has nothing else to do.
     match store.write(&id, &tree, prepared) {

@@ -178,6 +178,15 @@ impl Tree {
                 let name = utf8_name(&entry.file_name(), &child)?;
                 let md = std::fs::symlink_metadata(&child).map_err(read(&child))?;
                 let ft = md.file_type();
+                // A mounted ext4 root (a sandbox's view) has the file system's own empty
+                // lost+found; the writer makes its own, as `export` leaves it out.
+                if dir == 0
+                    && name == "lost+found"
+                    && ft.is_dir()
+                    && std::fs::read_dir(&child).is_ok_and(|mut d| d.next().is_none())
+                {
+                    continue;
+                }
                 let meta = meta_of(&md);
                 let node = if ft.is_dir() {
                     let idx = tree.dirs.len();
