@@ -1,6 +1,6 @@
 //! The three examples, built as the README shows: `kiln image create examples/X`, then
-//! `image ls` and `image describe`, and the result checked inside its ext4 disk (loop-mounted
-//! read-only). One build per example, all in one home so `kiln/debian:bookworm` is made once.
+//! `image ls` and `image describe`, the result checked inside its ext4 disk (loop-mounted
+//! read-only), and the image's own command run in a sandbox (`kiln sbx run --image X`). One build per example, all in one home so `kiln/debian:bookworm` is made once.
 //! Runs as root; python-app and multistage need the Debian package mirror (mmdebstrap makes
 //! the base, their RUN steps call apt-get).
 
@@ -60,6 +60,18 @@ fn describe(home: &Path, name: &str) -> Value {
     d
 }
 
+/// `sbx run --image NAME -- ARGS` (no ARGS: the image's command); returns its stdout.
+fn sbx_run(home: &Path, name: &str, args: &[&str]) -> String {
+    let mut all = vec!["sbx", "run", "--image", name];
+    if !args.is_empty() {
+        all.push("--");
+        all.extend_from_slice(args);
+    }
+    let v = kiln(home, "default", &all).ok();
+    assert_eq!(v["exit_code"], 0, "{name}: {v}");
+    v["stdout"].as_str().expect("stdout").to_string()
+}
+
 /// Runs `args` chrooted into a mounted disk, with no environment but PATH.
 fn chroot(root: &Path, args: &[&str]) -> (i32, String) {
     let out = Command::new("chroot")
@@ -90,6 +102,7 @@ fn hello(home: &Path) {
         std::fs::read_to_string(m.dir.path().join("srv/hello.txt")).expect("hello.txt"),
         "hello from Linux\n"
     );
+    assert_eq!(sbx_run(home, "hello", &[]), "hello from Linux\n");
 }
 
 fn python_app(home: &Path) {
@@ -143,6 +156,15 @@ fn python_app(home: &Path) {
     let (code, out) = chroot(root, &["sh", "-c", "cd /app && python3 -B app.py"]);
     assert_eq!(code, 0, "python-app: {out}");
     assert!(out.starts_with("hello, sandbox!\npython 3."), "{out}");
+    // In a sandbox: the image's CMD, WORKDIR and ENV.
+    let out = sbx_run(home, "python-app", &[]);
+    assert!(
+        out.starts_with("hello from python-app, sandbox!\npython 3.")
+            && out.ends_with(" in /app\n"),
+        "{out}"
+    );
+    let out = sbx_run(home, "python-app", &["sh", "-c", "pwd; echo $APP_GREETING"]);
+    assert_eq!(out, "/app\nhello from python-app\n");
 }
 
 fn multistage(home: &Path) {
@@ -173,10 +195,15 @@ fn multistage(home: &Path) {
     }
     let (code, out) = chroot(root, &["/usr/local/bin/hello"]);
     assert_eq!((code, out.as_str()), (0, "hello from a static binary\n"));
+    // In a sandbox: the ENTRYPOINT, as USER 1000:1000.
+    assert_eq!(
+        sbx_run(home, "multistage", &[]),
+        "hello from a static binary\n"
+    );
 }
 
 #[test]
-fn examples_hello_python_app_and_multistage_build_list_and_describe() {
+fn examples_hello_python_app_and_multistage_build_list_describe_and_run() {
     require_root();
     for tool in ["mmdebstrap", "e2fsck", "mount", "chroot"] {
         require_tool(tool);
