@@ -162,6 +162,8 @@ pub struct Built {
     pub tree: View,
     /// The base reference and digest of the target's stage chain.
     pub base: Option<(String, String)>,
+    /// The key of the target's last step: the same key, the same tree.
+    pub key: crate::build::cache::CacheKey,
 }
 
 /// Lowers, fetches bases and builds; returns the target's tree for the snapshot.
@@ -217,6 +219,7 @@ pub fn build(
         source: std::io::Error::other("no stage was built"),
     })?;
     let tree = View::mount(&target.layers, &cache_dir)?;
+    let key = target.key.clone();
     let base = chain_base(&lowered.spec).map(|r| {
         let d = bases.digest_of(&r).unwrap_or_default();
         (r, d)
@@ -226,6 +229,7 @@ pub fn build(
         lowered,
         tree,
         base,
+        key,
     })
 }
 

@@ -89,6 +89,9 @@ fn hello_builds_registers_and_rebuilds_from_cache() {
             .all(|s| s["cached"] == true),
         "{again}"
     );
+    // The same tree at the same size is the same snapshot: a no-op rebuild writes no disk.
+    assert_eq!(again["snapshot_id"], v["snapshot_id"], "{again}");
+    assert_eq!(again["sha256"], v["sha256"], "{again}");
     let d = json(&kiln(
         home.path(),
         &["image", "describe", "hello", "--json"],
@@ -102,6 +105,38 @@ fn hello_builds_registers_and_rebuilds_from_cache() {
     assert_eq!(d["snapshot_id"], again["snapshot_id"]);
     let history = json(&kiln(home.path(), &["image", "history", "hello", "--json"]));
     assert_eq!(history.as_array().map(Vec::len), Some(2), "{history}");
+
+    // Another size is another disk.
+    let bigger = json(&kiln(
+        home.path(),
+        &[
+            "image",
+            "create",
+            "examples/hello",
+            "--disk_mb",
+            "80",
+            "--json",
+        ],
+    ));
+    assert_ne!(bigger["snapshot_id"], v["snapshot_id"], "{bigger}");
+    assert_eq!(bigger["disk_mb"], 80, "{bigger}");
+    // A snapshot that is gone is made again, not reused.
+    let other = bigger["snapshot_id"].as_str().expect("id");
+    let disk = bigger["snapshot_uri"].as_str().expect("uri");
+    let disk = disk.strip_prefix("file://").expect("file uri");
+    std::fs::remove_file(disk).expect("remove the disk");
+    let remade = json(&kiln(
+        home.path(),
+        &[
+            "image",
+            "create",
+            "examples/hello",
+            "--disk_mb",
+            "80",
+            "--json",
+        ],
+    ));
+    assert_ne!(remade["snapshot_id"], other, "{remade}");
 }
 
 #[test]

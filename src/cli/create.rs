@@ -273,9 +273,18 @@ pub fn run(args: &CreateArgs, ctx: &Ctx) -> Result<(), CliError> {
     let public = args.public;
     let base = built.base.clone();
     let steps = built.steps.clone();
+    let reuse = TreeSnapshots::open(&home, &project, &built.key, disk_mb)?;
     let registered = ctx.block_on(async {
         let reg = open_registry(ctx).await?;
-        let snap = import(ctx, &reg, built.tree.path(), disk_mb).await?;
+        // The same tree at the same size is the same disk: reuse the snapshot made for it.
+        let snap = match reuse.find(&reg).await {
+            Some(s) => s,
+            None => {
+                let s = import(ctx, &reg, built.tree.path(), disk_mb).await?;
+                reuse.remember(&s.id);
+                s
+            }
+        };
         let r = reg
             .register(
                 &project,
@@ -322,6 +331,66 @@ pub fn run(args: &CreateArgs, ctx: &Ctx) -> Result<(), CliError> {
         started.elapsed().as_secs_f64()
     );
     ctx.out.result(&text, &value)
+}
+
+/// Which snapshot was made from a tree: `KILN_HOME/tree-snapshots-v1/PROJECT-KEY-MB-EPOCH`
+/// holds its id. The tree is a function of the last step's key (the cache guarantees it), the
+/// disk of the tree, its size and `SOURCE_DATE_EPOCH`; a stale entry (the snapshot removed,
+/// not `Completed`, its disk gone) is ignored and replaced.
+struct TreeSnapshots {
+    path: PathBuf,
+    disk_mb: u64,
+}
+
+impl TreeSnapshots {
+    fn open(
+        home: &crate::home::Home,
+        project: &crate::registry::Name,
+        key: &crate::build::cache::CacheKey,
+        disk_mb: u64,
+    ) -> Result<Self, CliError> {
+        let dir = home
+            .dir("tree-snapshots-v1")
+            .map_err(|e| CliError::new(Exit::Environment, "no_home", e.to_string(), None))?;
+        // Anything but digits would fail the import anyway; it must not make a path.
+        let epoch: String = std::env::var(crate::envvars::SOURCE_DATE_EPOCH)
+            .unwrap_or_default()
+            .chars()
+            .filter(char::is_ascii_digit)
+            .collect();
+        Ok(TreeSnapshots {
+            path: dir.join(format!(
+                "{}-{}-{disk_mb}-{}",
+                project.as_str(),
+                key.hex(),
+                if epoch.is_empty() { "none" } else { &epoch }
+            )),
+            disk_mb,
+        })
+    }
+
+    async fn find(
+        &self,
+        reg: &crate::registry::Registry,
+    ) -> Option<crate::registry::SnapshotRecord> {
+        let id = std::fs::read_to_string(&self.path).ok()?;
+        let rec = reg.snapshot(id.trim()).await.ok()?;
+        match &rec.state {
+            crate::snapshot::SnapshotState::Completed { uri, .. }
+                if rec.disk_mb == self.disk_mb
+                    && crate::snapshot::store::uri_path(uri).is_some_and(|p| p.is_file()) =>
+            {
+                Some(rec)
+            }
+            _ => None,
+        }
+    }
+
+    fn remember(&self, id: &crate::snapshot::SnapshotId) {
+        if let Err(e) = crate::fs::write_atomic(&self.path, id.as_str().as_bytes()) {
+            tracing::warn!(error = %e, "cannot record the snapshot of this tree");
+        }
+    }
 }
 
 fn definition(args: &CreateArgs, out: &super::Out) -> Result<(Definition, PathBuf), CliError> {

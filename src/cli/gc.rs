@@ -214,6 +214,15 @@ async fn run_async(args: &GcArgs, ctx: &Ctx) -> Result<(), CliError> {
         .map_err(super::base::cli_error)?;
     freed += base.bytes_freed;
 
+    // 6. Entries of `image create`'s tree → snapshot map whose snapshot is gone.
+    if let Ok(rd) = std::fs::read_dir(home.root().join("tree-snapshots-v1")) {
+        for e in rd.flatten() {
+            let id = std::fs::read_to_string(e.path()).unwrap_or_default();
+            if reg.snapshot(id.trim()).await.is_err() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     let text = format!(
         "removed {} snapshot(s), {} leftover file(s), {} base blob(s) and {} base layer(s); {} bytes freed\n",
         removed.len(),
