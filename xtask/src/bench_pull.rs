@@ -43,13 +43,13 @@ pub fn pull_main(args: BenchPullArgs) -> ExitCode {
 }
 
 /// A `docker-registry` on 127.0.0.1, killed on drop.
-struct Registry {
+pub(crate) struct Registry {
     child: Child,
-    host: String,
+    pub(crate) host: String,
 }
 
 impl Registry {
-    fn start(dir: &Path) -> Result<Registry, String> {
+    pub(crate) fn start(dir: &Path) -> Result<Registry, String> {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| format!("no free port: {e}"))?
@@ -96,7 +96,7 @@ impl Drop for Registry {
     }
 }
 
-fn need(tool: &str, package: &str) -> Result<(), String> {
+pub(crate) fn need(tool: &str, package: &str) -> Result<(), String> {
     let found = Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
         .stdout(Stdio::null())
@@ -109,7 +109,7 @@ fn need(tool: &str, package: &str) -> Result<(), String> {
     }
 }
 
-fn sh(cmd: &mut Command) -> Result<(), String> {
+pub(crate) fn sh(cmd: &mut Command) -> Result<(), String> {
     let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
     if out.status.success() {
         Ok(())
@@ -121,13 +121,13 @@ fn sh(cmd: &mut Command) -> Result<(), String> {
     }
 }
 
-fn median(v: &[Duration]) -> Duration {
+pub(crate) fn median(v: &[Duration]) -> Duration {
     let mut v = v.to_vec();
     v.sort();
     v[v.len() / 2]
 }
 
-fn secs(d: Duration) -> String {
+pub(crate) fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
 }
 

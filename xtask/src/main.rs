@@ -5,11 +5,15 @@
 //!   lowering, the SDK JSON path and the shell lexer; fails on any panic or slow input.
 //! - `cargo xtask bench parse`: parse and parse + lower throughput in MB/s.
 //! - `cargo xtask bench snapshot`: snapshot writing against `mkfs.ext4 -d`.
+//! - `cargo xtask bench pull`: base pull + unpack against skopeo + umoci.
+//! - `cargo xtask bench build`: `image create` of examples/python-app (cold, no-op, one file
+//!   changed) against buildah + `mkfs.ext4 -d`, and `sbx run` launch latency.
 //!
 //! `fuzz` and `bench parse` read BuildKit's conformance corpus in place from `../shared/conformance/buildkit`
 //! (or `$KILN_CONFORMANCE_DIR`) and fail if it is missing.
 
 mod bench;
+mod bench_build;
 mod bench_pull;
 mod bench_snapshot;
 mod corpus;
@@ -47,6 +51,8 @@ enum Bench {
     Snapshot(bench_snapshot::BenchSnapshotArgs),
     /// Pull + unpack of kiln/debian:bookworm vs skopeo copy + umoci unpack.
     Pull(bench_pull::BenchPullArgs),
+    /// `image create` of examples/python-app against buildah + mkfs.ext4, and sbx launch.
+    Build(bench_build::BenchBuildArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,5 +67,8 @@ fn main() -> ExitCode {
         Task::Bench {
             what: Bench::Pull(args),
         } => bench_pull::pull_main(args),
+        Task::Bench {
+            what: Bench::Build(args),
+        } => bench_build::main(args),
     }
 }
