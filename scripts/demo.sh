@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Kiln's main job, end to end on this machine: build examples/hello (FROM kiln/busybox, made
-# here from Debian's busybox-static, no container registry) on the namespace builder, snapshot
-# it as an ext4 root disk, register it as `hello`, and describe it. Needs root (namespaces,
-# overlayfs). State goes to $KILN_HOME (default: target/demo-home).
+# Kiln's main job, end to end on this machine: build examples/python-app (FROM
+# kiln/debian:bookworm, made here with mmdebstrap the first time, no container registry; its RUN
+# step installs python3 from the Debian mirror) on the namespace builder, snapshot it as an ext4
+# root disk, register it as `python-app`, then launch a sandbox from that name and run the app.
+# Needs root (namespaces, overlayfs, loop mounts). State goes to $KILN_HOME (default:
+# target/demo-home).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
-for p in busybox-static e2fsprogs; do
+for p in busybox-static e2fsprogs mmdebstrap util-linux mount; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if ((${#missing[@]})); then
@@ -15,12 +17,14 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 "${missing[@]}"
 fi
 
-cargo build --release -q
+cargo build --release -q --bin kiln
 export KILN_HOME="${KILN_HOME:-$PWD/target/demo-home}"
 kiln=target/release/kiln
-"$kiln" lower examples/multistage --target test --build-arg DEBIAN=bookworm >/dev/null
-"$kiln" image create examples/hello --disk_mb 256
-"$kiln" image describe hello
-disk=$("$kiln" image describe hello --json | sed -n 's/.*"snapshot_uri":"file:\/\/\([^"]*\)".*/\1/p')
+"$kiln" image create examples/python-app
+"$kiln" image ls
+"$kiln" image describe python-app
+disk=$("$kiln" image describe python-app --json | sed -n 's/.*"snapshot_uri":"file:\/\/\([^"]*\)".*/\1/p')
 e2fsck -fn "$disk" >/dev/null && echo "e2fsck: $disk is clean"
-debugfs -R "cat /srv/hello.txt" "$disk" 2>/dev/null
+# The image's CMD, WORKDIR and ENV, in a copy-on-write sandbox of the snapshot:
+"$kiln" sbx run --image python-app
+"$kiln" sbx run --image python-app -- sh -c 'echo "in $(pwd) as $(id -un): $APP_GREETING"'
