@@ -106,6 +106,21 @@ fn hello_builds_registers_and_rebuilds_from_cache() {
     let history = json(&kiln(home.path(), &["image", "history", "hello", "--json"]));
     assert_eq!(history.as_array().map(Vec::len), Some(2), "{history}");
 
+    // --no-cache runs every step again, and its tree gets its own snapshot.
+    let fresh = json(&kiln(
+        home.path(),
+        &[
+            "image",
+            "create",
+            "examples/hello",
+            "--disk_mb",
+            "64",
+            "--no-cache",
+            "--json",
+        ],
+    ));
+    assert_ne!(fresh["snapshot_id"], v["snapshot_id"], "{fresh}");
+
     // Another size is another disk.
     let bigger = json(&kiln(
         home.path(),

@@ -274,10 +274,18 @@ pub fn run(args: &CreateArgs, ctx: &Ctx) -> Result<(), CliError> {
     let base = built.base.clone();
     let steps = built.steps.clone();
     let reuse = TreeSnapshots::open(&home, &project, &built.key, disk_mb)?;
+    let all_cached = built.steps.iter().all(|s| s.cached);
     let registered = ctx.block_on(async {
         let reg = open_registry(ctx).await?;
         // The same tree at the same size is the same disk: reuse the snapshot made for it.
-        let snap = match reuse.find(&reg).await {
+        // Only when every step came from the cache: a step that ran (`--no-cache`, or a
+        // cache entry replaced) may have made another tree under the same key.
+        let found = if all_cached {
+            reuse.find(&reg).await
+        } else {
+            None
+        };
+        let snap = match found {
             Some(s) => s,
             None => {
                 let s = import(ctx, &reg, built.tree.path(), disk_mb).await?;
