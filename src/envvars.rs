@@ -16,3 +16,11 @@ pub const KILN_MAX_LAYER_BYTES: &str = "KILN_MAX_LAYER_BYTES";
 pub const DOCKER_CONFIG: &str = "DOCKER_CONFIG";
 /// The guest kernel of microVMs (default: the newest `/boot/vmlinuz-*-cloud-amd64`).
 pub const KILN_VM_KERNEL: &str = "KILN_VM_KERNEL";
+/// The static guest agent (default: `kiln-agent` beside `kiln`, or `../agent/kiln-agent`).
+pub const KILN_AGENT: &str = "KILN_AGENT";
+/// The microVM accelerator, `kvm` or `tcg` (default: KVM when it works here, else TCG).
+pub const KILN_VM_ACCEL: &str = "KILN_VM_ACCEL";
+/// Extra guest kernel command-line words (for example `loglevel=7`, or `kiln.crash=step`).
+pub const KILN_VM_APPEND: &str = "KILN_VM_APPEND";
+/// A per-step time limit in seconds for `image create`, any builder (default: none).
+pub const KILN_STEP_TIMEOUT: &str = "KILN_STEP_TIMEOUT";

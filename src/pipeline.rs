@@ -150,6 +150,8 @@ pub struct BuildRequest<'a> {
     pub limits: Limits,
     /// `--secret`s.
     pub secrets: BTreeMap<String, PathBuf>,
+    /// Kill a RUN step after this long.
+    pub step_timeout: Option<std::time::Duration>,
 }
 
 /// A finished build: the spec, the steps, and a mounted view of the target's tree.
@@ -207,7 +209,7 @@ pub fn build(
     let mut opts = BuildOptions {
         no_cache: req.no_cache,
         limits: req.limits,
-        step_timeout: None,
+        step_timeout: req.step_timeout,
         secrets: req.secrets.clone(),
         cache_mounts,
         scratch: cache_dir.clone(),

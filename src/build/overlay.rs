@@ -186,10 +186,17 @@ pub fn mount(layers: &Layers<'_>, target: &Path) -> Result<Overlay, OverlayError
         Err(OverlayError::Mount { source, .. }) if source.raw_os_error() == Some(libc::ENOSYS) => {
             mount_legacy(&lowers, layers, target)
         }
-        // Kernels before 6.8 reject the `lowerdir+` key itself.
+        // Kernels before 6.8 reject the `lowerdir+` key itself; those before 6.5 (overlayfs
+        // on the legacy mount API, such as a builder VM's 6.1) only at create time, with
+        // EINVAL and nothing in the context's log.
         Err(OverlayError::Mount {
             detail: Some(d), ..
         }) if d.contains("lowerdir+") => mount_legacy(&lowers, layers, target),
+        Err(OverlayError::Mount {
+            detail: None,
+            source,
+            ..
+        }) if source.raw_os_error() == Some(libc::EINVAL) => mount_legacy(&lowers, layers, target),
         r => r,
     };
     match result {

@@ -504,6 +504,12 @@ impl Loop<'_, '_> {
                         digests.push(d);
                     }
                 }
+                // What a RUN writes can depend on the kernel it ran on (`uname -r`), so
+                // layers from a builder VM are keyed apart; namespace keys stay as they were.
+                let builder = self.driver.name();
+                if builder != "namespace" {
+                    digests.push(format!("builder:{builder}"));
+                }
                 return Ok(StepInputs { digests });
             }
             Op::Env { .. } | Op::Workdir { .. } | Op::User { .. } => {

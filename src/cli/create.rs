@@ -8,7 +8,7 @@ use super::output::{CliError, Exit};
 use super::progress::{Mode, StepProgress};
 use super::snapshot::{import, open_registry};
 use crate::build::cgroup::Limits;
-use crate::build::driver::NamespaceDriver;
+use crate::build::driver::{Driver, MicrovmDriver, MicrovmOptions, NamespaceDriver};
 use crate::build::run::{BuildError, Event};
 use crate::frontend::{self, LowerOptions, Lowered, dockerfile, sdk};
 use crate::ir::{Network, Op};
@@ -18,13 +18,12 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Which builder runs the steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BuilderKind {
-    /// microvm where KVM works, else namespace (today: namespace; the microvm builder is not
-    /// in this build yet).
+    /// microvm where KVM works, else namespace.
     Auto,
     /// Linux namespaces and overlayfs.
     Namespace,
@@ -110,6 +109,44 @@ pub struct CreateArgs {
     /// Progress display.
     #[arg(long, value_enum, default_value_t = ProgressFlag::Auto)]
     pub progress: ProgressFlag,
+    /// Kill a RUN step that runs longer than this many seconds (the build fails, exit 1).
+    #[arg(long, value_name = "SECS", env = crate::envvars::KILN_STEP_TIMEOUT)]
+    pub step_timeout: Option<u64>,
+}
+
+/// The driver `--builder` asks for: `auto` is microvm where KVM works (TCG is too slow to be
+/// chosen unasked), else namespace.
+fn driver(args: &CreateArgs, home: &crate::home::Home) -> Result<Box<dyn Driver>, CliError> {
+    let microvm = match args.builder {
+        BuilderKind::Namespace => false,
+        BuilderKind::Microvm => true,
+        BuilderKind::Auto => {
+            crate::doctor::kvm().accel == crate::doctor::Accel::Kvm && crate::doctor::microvm().ok
+        }
+    };
+    if !microvm {
+        return Ok(Box::new(NamespaceDriver));
+    }
+    let opts = MicrovmOptions {
+        cpus: args.cpus.ceil().max(1.0) as u32,
+        memory_mb: args.memory.max(128),
+        scratch_mb: args
+            .builder_disk_mb
+            .unwrap_or(args.disk_mb.saturating_mul(2))
+            .max(64),
+        ..MicrovmOptions::default()
+    };
+    let d = MicrovmDriver::new(home, opts).map_err(|e| {
+        CliError::new(
+            Exit::Environment,
+            "builder_unavailable",
+            format!("the microvm builder cannot start: {e}"),
+            Some("`kiln doctor` says what this host lacks; --builder namespace needs no VM".into()),
+        )
+    })?;
+    let (accel, why) = d.accel();
+    tracing::info!(accel = accel.as_str(), kernel = %d.kernel().release, "microvm builder: {why}");
+    Ok(Box::new(d))
 }
 
 /// The default name: the directory of a file named `Dockerfile`, else the file stem;
@@ -183,14 +220,6 @@ enum Definition {
 /// Runs `image create`.
 pub fn run(args: &CreateArgs, ctx: &Ctx) -> Result<(), CliError> {
     let started = Instant::now();
-    if args.builder == BuilderKind::Microvm {
-        return Err(CliError::new(
-            Exit::Environment,
-            "builder_unavailable",
-            "the microvm builder is not available in this build of kiln".into(),
-            Some("use --builder namespace (or auto)".into()),
-        ));
-    }
     let home = ctx.home()?;
     let (def, context) = definition(args, &ctx.out)?;
     let name_text = match (&args.registered_name, &def) {
@@ -248,8 +277,11 @@ pub fn run(args: &CreateArgs, ctx: &Ctx) -> Result<(), CliError> {
             pids: None,
         },
         secrets,
+        step_timeout: args.step_timeout.map(Duration::from_secs),
     };
-    let built = pipeline::build(&home, &req, &NamespaceDriver, &mut events);
+    let driver = driver(args, &home)?;
+    let builder = driver.name();
+    let built = pipeline::build(&home, &req, driver.as_ref(), &mut events);
     // The last step's spinner stops before the snapshot is made (or the error shows).
     progress.finish();
     let built = built.map_err(|e| pipeline_error(e, &def))?;
@@ -306,7 +338,7 @@ pub fn run(args: &CreateArgs, ctx: &Ctx) -> Result<(), CliError> {
                         reference,
                         digest: (!digest.is_empty()).then_some(digest),
                     }),
-                    builder: Some("namespace".into()),
+                    builder: Some(builder.into()),
                 },
             )
             .await?;
@@ -327,7 +359,7 @@ pub fn run(args: &CreateArgs, ctx: &Ctx) -> Result<(), CliError> {
         "disk_mb": snap.disk_mb,
         "size_bytes": snap_json["size_bytes"],
         "sha256": snap_json["sha256"],
-        "builder": "namespace",
+        "builder": builder,
         "duration_ms": started.elapsed().as_millis() as u64,
         "steps": steps,
     });
@@ -490,6 +522,17 @@ fn pipeline_error(e: PipelineError, def: &Definition) -> CliError {
             source: crate::build::driver::DriverError::Interrupted { .. },
             ..
         }) => CliError::new(Exit::Failed, "interrupted", e.to_string(), None),
+        // A guest that crashed, hung or broke the protocol failed the build; a host that
+        // cannot run a VM is the environment.
+        PipelineError::Build(BuildError::Driver {
+            source: crate::build::driver::DriverError::Vm(ref v),
+            ..
+        }) if !v.is_environment() => CliError::new(
+            Exit::Failed,
+            "builder_vm_failed",
+            e.to_string(),
+            Some("nothing was registered; the previous image of this name is unchanged".into()),
+        ),
         PipelineError::Build(_) | PipelineError::Io { .. } => {
             CliError::new(Exit::Environment, "environment", e.to_string(), None)
         }

@@ -3,8 +3,11 @@
 //! overlays or VMs.
 //!
 //! Owns the interface and the outcome type; `namespace` is the in-process driver (Linux
-//! namespaces + overlayfs). A microvm driver will implement the same trait.
+//! namespaces + overlayfs), `microvm` runs each step in a QEMU microVM (which runs the
+//! namespace driver inside the guest).
 
+#[cfg(feature = "host")]
+pub mod microvm;
 pub mod namespace;
 
 use super::cgroup::Limits;
@@ -14,6 +17,8 @@ use crate::ir;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+#[cfg(feature = "host")]
+pub use microvm::{MicrovmDriver, MicrovmOptions};
 pub use namespace::NamespaceDriver;
 
 /// One step for a driver: the executor's request without the root (the driver makes it).
@@ -73,6 +78,9 @@ pub enum DriverError {
     /// Running the step failed (setup, not the command's exit code).
     #[error(transparent)]
     Exec(#[from] ExecError),
+    /// The builder VM failed (see [`crate::vm::VmError::is_environment`]).
+    #[error(transparent)]
+    Vm(#[from] crate::vm::VmError),
     /// Kiln got a termination signal; the step was killed and cleaned up.
     #[error("interrupted by signal {signal}")]
     Interrupted {
