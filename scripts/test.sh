@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages the tests use (they fail loudly when one is missing; this installs them).
-need_pkgs=(golang-go git golang-github-moby-patternmatcher-dev e2fsprogs mmdebstrap util-linux mount tar busybox-static file docker-registry skopeo umoci apache2-utils openssl buildah qemu-system-x86 linux-image-cloud-amd64)
+need_pkgs=(golang-go git golang-github-moby-patternmatcher-dev e2fsprogs mmdebstrap util-linux mount tar busybox-static file docker-registry skopeo umoci apache2-utils openssl buildah qemu-system-x86 qemu-utils linux-image-cloud-amd64)
 missing=()
 for p in "${need_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -173,6 +173,12 @@ fn host_checks(scratch: &Path) -> Vec<Check> {
     checks
 }
 
+/// Whether `auto` picks the microvm builder and runtime: only where KVM works (TCG is too
+/// slow to be chosen unasked) and QEMU and a kernel are there.
+pub fn microvm_preferred() -> bool {
+    kvm().accel == Accel::Kvm && microvm().ok
+}
+
 /// The microvm builder's verdict alone: QEMU, a guest kernel and the accelerator.
 pub fn microvm() -> MicrovmVerdict {
     microvm_verdict(qemu(), guest_kernel(), kvm())

@@ -25,10 +25,21 @@ impl Run {
 }
 
 fn kiln_in(home: &Path, project: &str, args: &[&str], stdin: Option<&[u8]>) -> Run {
+    kiln_env(home, project, args, stdin, &[])
+}
+
+fn kiln_env(
+    home: &Path,
+    project: &str,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    env: &[(&str, &str)],
+) -> Run {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(args)
         .env("KILN_HOME", home)
         .env("KILN_PROJECT", project)
+        .envs(env.iter().copied())
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -412,8 +423,11 @@ fn bad_launches_fail_with_meaningful_codes() {
         ],
     );
     assert_eq!(bad_user.code, 2, "{}", bad_user.stderr);
-    let vm = kiln(
+    // A host that cannot boot the microVM runtime is an environment failure (5), and the
+    // sandbox it would have made is gone (tests/microvm.rs runs the real thing).
+    let vm = kiln_env(
         h,
+        "default",
         &[
             "sbx",
             "run",
@@ -424,8 +438,15 @@ fn bad_launches_fail_with_meaningful_codes() {
             "--",
             "true",
         ],
+        None,
+        &[("KILN_VM_KERNEL", "/nonexistent/vmlinuz")],
     );
     assert_eq!(vm.code, 5, "{}", vm.stderr);
+    assert!(
+        vm.stderr.contains("the microvm runtime cannot start"),
+        "{}",
+        vm.stderr
+    );
     // An image without a command needs one after --.
     // kiln/busybox has `CMD ["sh"]`, as Docker Hub's busybox; `CMD []` clears it.
     build(h, "bare", "FROM kiln/busybox\nCMD []\n");

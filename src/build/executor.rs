@@ -133,6 +133,21 @@ pub struct ExecRequest<'a> {
     pub timeout: Option<Duration>,
 }
 
+impl ExecError {
+    /// Docker's exit code for a command that could not start (`docker run`'s 127 for not
+    /// found, 126 for not runnable); `None` for the failures that are Kiln's, not the command's.
+    pub fn start_failure_code(&self) -> Option<i32> {
+        match self {
+            ExecError::NotFound { .. } => Some(127),
+            ExecError::Exec { source, .. } if source.raw_os_error() == Some(libc::ENOENT) => {
+                Some(127)
+            }
+            ExecError::Exec { .. } => Some(126),
+            _ => None,
+        }
+    }
+}
+
 /// How the step's command ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitStatus {

@@ -120,9 +120,7 @@ fn driver(args: &CreateArgs, home: &crate::home::Home) -> Result<Box<dyn Driver>
     let microvm = match args.builder {
         BuilderKind::Namespace => false,
         BuilderKind::Microvm => true,
-        BuilderKind::Auto => {
-            crate::doctor::kvm().accel == crate::doctor::Accel::Kvm && crate::doctor::microvm().ok
-        }
+        BuilderKind::Auto => crate::doctor::microvm_preferred(),
     };
     if !microvm {
         return Ok(Box::new(NamespaceDriver));

@@ -4,6 +4,8 @@
 //! exits with its exit code. With `--output json` its output is captured and returned in the
 //! result object (`stdout`, `stderr`, `exit_code`), and Kiln still exits with its code.
 //! Docker's codes for a command that cannot start: 127 (not found), 126 (not executable).
+//! On the microvm runtime the command's stdin is empty and its output arrives line by line
+//! through the guest agent (text mode prints each line as it comes).
 
 use super::Ctx;
 use super::output::{CliError, Exit};
@@ -20,7 +22,7 @@ use std::time::Instant;
 /// Which runtime runs the sandbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RuntimeFlag {
-    /// The namespace runtime (the microvm runtime where KVM works, once it exists).
+    /// The microvm runtime where KVM works, else the namespace runtime.
     Auto,
     /// Linux namespaces over a copy-on-write overlay.
     Namespace,
@@ -138,6 +140,7 @@ impl From<SbxError> for CliError {
             ),
             SbxError::Busy { .. } => CliError::new(Exit::Conflict, "sandbox_busy", message, None),
             SbxError::NoCommand => CliError::usage(message, None),
+            SbxError::Vm(e) | SbxError::Driver(DriverError::Vm(e)) => vm_error(e),
             SbxError::Driver(DriverError::Exec(ExecError::User { .. })) => {
                 CliError::new(Exit::BadInput, "bad_user", message, None)
             }
@@ -190,15 +193,26 @@ fn overrides(flags: &ExecFlags) -> Result<Overrides, CliError> {
     })
 }
 
-fn check_runtime(r: RuntimeFlag) -> Result<&'static str, CliError> {
+/// The runtime `--runtime` asks for: `auto` is microvm where KVM works, else namespace.
+fn runtime_name(r: RuntimeFlag) -> &'static str {
     match r {
-        RuntimeFlag::Auto | RuntimeFlag::Namespace => Ok("namespace"),
-        RuntimeFlag::Microvm => Err(CliError::new(
+        RuntimeFlag::Namespace => "namespace",
+        RuntimeFlag::Microvm => crate::sbx::MICROVM,
+        RuntimeFlag::Auto if crate::doctor::microvm_preferred() => crate::sbx::MICROVM,
+        RuntimeFlag::Auto => "namespace",
+    }
+}
+
+fn vm_error(e: &crate::vm::VmError) -> CliError {
+    if e.is_environment() {
+        CliError::new(
             Exit::Environment,
             "runtime_unavailable",
-            "the microvm sandbox runtime is not available in this build".into(),
-            Some("use --runtime namespace".into()),
-        )),
+            format!("the microvm runtime cannot start: {e}"),
+            Some("`kiln doctor` says what this host lacks; --runtime namespace needs no VM".into()),
+        )
+    } else {
+        CliError::new(Exit::Failed, "sandbox_vm_failed", e.to_string(), None)
     }
 }
 
@@ -212,7 +226,7 @@ async fn launch(
     args: &LaunchArgs,
     ephemeral: bool,
 ) -> Result<(Sandboxes, Sandbox), CliError> {
-    let runtime = check_runtime(args.runtime)?;
+    let runtime = runtime_name(args.runtime);
     if let Some(c) = args.cpus
         && !(c > 0.0 && c.is_finite())
     {
@@ -320,26 +334,18 @@ fn exec_in(
                 None,
             ),
         ))),
-        Err(SbxError::Driver(DriverError::Exec(e @ ExecError::NotFound { .. }))) => Ok(Err((
-            127,
-            CliError::new(Exit::Failed, "command_not_found", e.to_string(), None),
-        ))),
-        Err(SbxError::Driver(DriverError::Exec(e @ ExecError::Exec { .. }))) => {
-            let code = match &e {
-                ExecError::Exec { source, .. } if source.raw_os_error() == Some(libc::ENOENT) => {
-                    127
+        Err(SbxError::Driver(DriverError::Exec(e))) if e.start_failure_code().is_some() => {
+            let code = e.start_failure_code().unwrap_or(126);
+            let (kind, message) = match std::error::Error::source(&e) {
+                _ if matches!(e, ExecError::NotFound { .. }) => {
+                    ("command_not_found", e.to_string())
                 }
-                _ => 126,
+                Some(s) => ("command_not_executable", format!("{e}: {s}")),
+                None => ("command_not_executable", e.to_string()),
             };
-            let message = format!(
-                "{e}: {}",
-                std::error::Error::source(&e)
-                    .map(|s| s.to_string())
-                    .unwrap_or_default()
-            );
             Ok(Err((
                 code,
-                CliError::new(Exit::Failed, "command_not_executable", message, None),
+                CliError::new(Exit::Failed, kind, message, None),
             )))
         }
         Err(e) => Err(e.into()),

@@ -1,12 +1,12 @@
-//! Sandboxes on the namespace runtime: a copy-on-write root over an image's snapshot, and
-//! commands run in it with the image's ENV, WORKDIR and USER.
+//! Sandboxes: a copy-on-write root over an image's snapshot, and commands run in it with
+//! the image's ENV, WORKDIR and USER, on the namespace runtime or in a microVM.
 //!
-//! Owns `KILN_HOME/sandboxes-v1/ID/` (the record `sandbox.json`, the writable layer `upper/`,
-//! and a `lock` file) and the shared read-only mounts of snapshot disks under
-//! `KILN_HOME/mnt-v1/SNAP/`. It does not resolve names (the CLI asks the registry) and does
-//! not write snapshots (the CLI imports a [`Sandbox::view`]).
+//! Owns `KILN_HOME/sandboxes-v1/ID/` (the record `sandbox.json`, the writable layer `upper/`
+//! or the microVM's disk `root.qcow2`, and a `lock` file) and the shared read-only mounts of
+//! snapshot disks under `KILN_HOME/mnt-v1/SNAP/`. It does not resolve names (the CLI asks the
+//! registry) and does not write snapshots (the CLI imports a [`Sandbox::view`]).
 //!
-//! # Layout
+//! # Namespace runtime
 //!
 //! A snapshot's ext4 disk is loop-mounted read-only once, at `mnt-v1/SNAP`, and stays mounted
 //! for every sandbox of that image: launching a sandbox costs one overlayfs mount, not a loop
@@ -19,8 +19,19 @@
 //! unmounts. Files persist between commands; processes do not: when the command exits, the
 //! pid namespace ends and everything it started goes with it. Commands in one sandbox run one
 //! at a time (an exclusive `flock` on `lock`), since two overlays may not share an upper.
+//!
+//! # MicroVM runtime
+//!
+//! The sandbox's disk is a qcow2 file backed by the snapshot's disk ([`crate::vm::disk`]):
+//! made in milliseconds, a few hundred KiB, and the snapshot is never written. Each command
+//! boots a microVM from it (the build's kernel, initramfs and agent); the agent mounts the
+//! disk writable and runs the command with the same executor, on the disk itself, then
+//! unmounts it cleanly and powers off. So files persist between commands and processes do
+//! not, as on the namespace runtime. Output comes back line by line; stdin is empty.
+//! `sbx snapshot` reads the disk through a sparse raw copy, loop-mounted read-only.
 
 use crate::build::cgroup::Limits;
+use crate::build::driver::microvm::{MicrovmDriver, MicrovmOptions};
 use crate::build::driver::{Driver, DriverError, NamespaceDriver, StepOutcome, StepRequest};
 use crate::build::executor::{Stdio, Stream};
 use crate::build::run::View;
@@ -86,6 +97,9 @@ pub enum SbxError {
     /// The root view for a snapshot could not be mounted.
     #[error("cannot mount the sandbox's root: {0}")]
     View(String),
+    /// The microVM runtime failed before the command ran (QEMU, kernel, disks).
+    #[error(transparent)]
+    Vm(#[from] crate::vm::VmError),
 }
 
 type Result<T> = std::result::Result<T, SbxError>;
@@ -94,6 +108,12 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Sbx
     let path = path.to_path_buf();
     move |source| SbxError::Io { what, path, source }
 }
+
+/// [`Record::runtime`] of a microVM sandbox (the other is `namespace`).
+pub const MICROVM: &str = "microvm";
+
+/// A microVM sandbox's root disk in its directory: a qcow2 clone of the snapshot disk.
+const ROOT_QCOW2: &str = "root.qcow2";
 
 /// A sandbox id: `sbx_` + a ULID.
 pub fn new_id() -> String {
@@ -237,7 +257,7 @@ pub struct Record {
     pub disk: PathBuf,
     /// The snapshot's size, MiB (the default size of `sbx snapshot`).
     pub disk_mb: u64,
-    /// `namespace`.
+    /// `namespace` or [`MICROVM`].
     pub runtime: String,
     /// RFC 3339, UTC.
     pub created_at: String,
@@ -252,6 +272,7 @@ pub struct Record {
 /// The sandboxes of one home.
 #[derive(Debug, Clone)]
 pub struct Sandboxes {
+    home: Home,
     root: PathBuf,
     mounts: PathBuf,
 }
@@ -308,6 +329,7 @@ impl Sandboxes {
             })
         };
         Ok(Sandboxes {
+            home: home.clone(),
             root: dir("sandboxes-v1")?,
             mounts: dir("mnt-v1")?,
         })
@@ -315,6 +337,16 @@ impl Sandboxes {
 
     fn dir(&self, id: &str) -> PathBuf {
         self.root.join(id)
+    }
+
+    /// The microVM runtime: QEMU, the kernel, the initramfs (a sandbox needs no scratch disk
+    /// of a builder's size).
+    fn vm(&self) -> Result<MicrovmDriver> {
+        let opts = MicrovmOptions {
+            scratch_mb: 64,
+            ..MicrovmOptions::default()
+        };
+        Ok(MicrovmDriver::new(&self.home, opts)?)
     }
 
     /// The read-only mount of a snapshot's disk, mounting it first if needed.
@@ -375,7 +407,13 @@ impl Sandboxes {
 
     /// Makes a sandbox: its directory, its record, its empty upper layer; mounts the image.
     pub fn create(&self, rec: &Record) -> Result<Sandbox> {
-        self.image_root(&rec.snapshot_id, &rec.disk)?;
+        let microvm = rec.runtime == MICROVM;
+        if microvm {
+            // Fails here, before anything is made, on a host that cannot boot one.
+            self.vm()?;
+        } else {
+            self.image_root(&rec.snapshot_id, &rec.disk)?;
+        }
         let dir = self.dir(&rec.id);
         fs::create_dir(&dir).map_err(io_err("create", &dir))?;
         // Locked before the record exists, so `kiln gc` never takes a new run for a dead one.
@@ -389,8 +427,12 @@ impl Sandboxes {
             }
         };
         let made = (|| {
-            let upper = dir.join("upper");
-            fs::create_dir(&upper).map_err(io_err("create", &upper))?;
+            if microvm {
+                crate::vm::disk::clone_overlay(&rec.disk, &dir.join(ROOT_QCOW2))?;
+            } else {
+                let upper = dir.join("upper");
+                fs::create_dir(&upper).map_err(io_err("create", &upper))?;
+            }
             let json = serde_json::to_vec_pretty(rec).map_err(|source| SbxError::BadRecord {
                 path: dir.join("sandbox.json"),
                 source,
@@ -524,9 +566,6 @@ impl Sandbox {
 
     /// Runs one command and waits for it.
     pub fn exec(&self, e: Exec<'_>) -> Result<StepOutcome> {
-        let lower = self
-            .sandboxes
-            .image_root(&self.rec.snapshot_id, &self.rec.disk)?;
         let s = e.settings;
         let run = ir::Run {
             command: ir::Command::Exec { args: e.argv },
@@ -543,29 +582,36 @@ impl Sandbox {
             devices: Vec::new(),
         };
         let hostname = self.hostname();
-        let upper = self.dir.join("upper");
-        Ok(NamespaceDriver.run_step(
-            &[lower],
-            &upper,
-            StepRequest {
-                run: &run,
-                hostname: &hostname,
-                mounts: &[],
-                resolv_conf: None,
-                limits: s.limits(),
-                output: e.output,
-                stdio: e.stdio,
-                timeout: s.timeout_secs.map(Duration::from_secs),
-            },
-        )?)
+        let req = StepRequest {
+            run: &run,
+            hostname: &hostname,
+            mounts: &[],
+            resolv_conf: None,
+            limits: s.limits(),
+            output: e.output,
+            stdio: e.stdio,
+            timeout: s.timeout_secs.map(Duration::from_secs),
+        };
+        if self.rec.runtime == MICROVM {
+            let vm = self.sandboxes.vm()?;
+            return Ok(vm.run_in_disk(&self.dir.join(ROOT_QCOW2), req)?);
+        }
+        let lower = self
+            .sandboxes
+            .image_root(&self.rec.snapshot_id, &self.rec.disk)?;
+        Ok(NamespaceDriver.run_step(&[lower], &self.dir.join("upper"), req)?)
     }
 
     /// A read-only view of the sandbox's root as it is now, mounted under `scratch`.
-    pub fn view(&self, scratch: &Path) -> Result<View> {
+    pub fn view(&self, scratch: &Path) -> Result<RootView> {
+        if self.rec.runtime == MICROVM {
+            return DiskView::mount(&self.dir.join(ROOT_QCOW2), scratch).map(RootView::Disk);
+        }
         let lower = self
             .sandboxes
             .image_root(&self.rec.snapshot_id, &self.rec.disk)?;
         View::mount(&[lower, self.dir.join("upper")], scratch)
+            .map(RootView::Overlay)
             .map_err(|e| SbxError::View(e.to_string()))
     }
 
@@ -577,6 +623,62 @@ impl Sandbox {
         fs::remove_file(&rec_path).map_err(io_err("remove", &rec_path))?;
         fs::remove_dir_all(&self.dir).map_err(io_err("remove", &self.dir))?;
         Ok(self.rec)
+    }
+}
+
+/// A sandbox's root tree, mounted read-only until dropped.
+pub enum RootView {
+    /// The namespace runtime's image mount and upper layer, merged.
+    Overlay(View),
+    /// A microVM sandbox's disk.
+    Disk(DiskView),
+}
+
+impl RootView {
+    /// The tree.
+    pub fn path(&self) -> &Path {
+        match self {
+            RootView::Overlay(v) => v.path(),
+            RootView::Disk(d) => &d.mount,
+        }
+    }
+}
+
+/// A microVM sandbox's qcow2 disk as a sparse raw copy, loop-mounted read-only.
+pub struct DiskView {
+    _dir: tempfile::TempDir,
+    mount: PathBuf,
+}
+
+impl DiskView {
+    fn mount(qcow2: &Path, scratch: &Path) -> Result<DiskView> {
+        let dir = tempfile::Builder::new()
+            .prefix("disk-view-")
+            .tempdir_in(scratch)
+            .map_err(io_err("create a directory in", scratch))?;
+        let raw = dir.path().join("root.ext4");
+        crate::vm::disk::to_raw(qcow2, &raw)?;
+        let mount = dir.path().join("root");
+        fs::create_dir(&mount).map_err(io_err("create", &mount))?;
+        mount_tool(&[
+            "mount".as_ref(),
+            "-t".as_ref(),
+            "ext4".as_ref(),
+            "-o".as_ref(),
+            "ro,loop,noload,nodev".as_ref(),
+            raw.as_os_str(),
+            mount.as_os_str(),
+        ])
+        .map_err(|detail| SbxError::Mount { disk: raw, detail })?;
+        Ok(DiskView { _dir: dir, mount })
+    }
+}
+
+impl Drop for DiskView {
+    fn drop(&mut self) {
+        if let Err(detail) = mount_tool(&["umount".as_ref(), self.mount.as_os_str()]) {
+            tracing::warn!(mount = %self.mount.display(), %detail, "sandbox disk view left mounted");
+        }
     }
 }
 

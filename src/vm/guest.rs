@@ -21,7 +21,7 @@ use super::protocol::{
 };
 use super::tarball::{self, Whiteouts};
 use crate::build::cgroup::Limits;
-use crate::build::driver::{Driver, NamespaceDriver, StepRequest};
+use crate::build::driver::{Driver, DriverError, NamespaceDriver, StepOutcome, StepRequest};
 use crate::build::executor::{ExitStatus, PreparedMount, Stdio, Stream};
 use nix::mount::MsFlags;
 use std::fs::{self, File};
@@ -297,23 +297,34 @@ fn serve(port: &Arc<Port>, started: Instant) -> io::Result<()> {
             ));
         }
     };
+    let sandbox = msg.sandbox;
     let lower = required_disk(ROOT_SERIAL)?;
+    // A sandbox's disk is its own copy-on-write clone: mounted writable, journal and all.
+    let (flags, data) = if sandbox {
+        (MsFlags::MS_NODEV, None)
+    } else {
+        (MsFlags::MS_RDONLY, Some("noload"))
+    };
     mount(
         lower.to_str().unwrap_or_default(),
         LOWER,
         "ext4",
-        MsFlags::MS_RDONLY,
-        Some("noload"),
+        flags,
+        data,
     )?;
-    let scratch = required_disk(SCRATCH_SERIAL)?;
-    mount(
-        scratch.to_str().unwrap_or_default(),
-        SCRATCH,
-        "ext4",
-        MsFlags::empty(),
-        None,
-    )?;
-    let mounts_dir = Path::new(SCRATCH).join("mounts");
+    let mounts_dir = if sandbox {
+        PathBuf::from("/tmp/mounts")
+    } else {
+        let scratch = required_disk(SCRATCH_SERIAL)?;
+        mount(
+            scratch.to_str().unwrap_or_default(),
+            SCRATCH,
+            "ext4",
+            MsFlags::empty(),
+            None,
+        )?;
+        Path::new(SCRATCH).join("mounts")
+    };
     fs::create_dir_all(&mounts_dir).map_err(err("mkdir the mounts directory"))?;
     if let Some(ctx) = disk(CONTEXT_SERIAL, Duration::ZERO)? {
         let f = File::open(&ctx).map_err(err("open the context disk"))?;
@@ -328,9 +339,14 @@ fn serve(port: &Arc<Port>, started: Instant) -> io::Result<()> {
     if msg.network {
         set_up_network()?;
     }
-    let upper = Path::new(SCRATCH).join("upper");
-    fs::create_dir(&upper).map_err(err("mkdir the upper directory"))?;
-    apply_root_attrs(&upper, &msg.root)?;
+    let upper = if sandbox {
+        None
+    } else {
+        let upper = Path::new(SCRATCH).join("upper");
+        fs::create_dir(&upper).map_err(err("mkdir the upper directory"))?;
+        apply_root_attrs(&upper, &msg.root)?;
+        Some(upper)
+    };
 
     let prepared = prepare_mounts(&msg.mounts, &mounts_dir)?;
     if fs::read_to_string("/proc/cmdline")
@@ -367,26 +383,44 @@ fn serve(port: &Arc<Port>, started: Instant) -> io::Result<()> {
             send_err.get_or_insert(e);
         }
     };
-    let result = NamespaceDriver.run_step(
-        &[PathBuf::from(LOWER)],
-        &upper,
-        StepRequest {
-            run: &msg.run,
-            hostname: &msg.hostname,
-            mounts: &prepared,
-            resolv_conf: Some(&msg.resolv_conf),
-            limits: Limits::default(),
-            output: &mut output,
-            stdio: Stdio::Capture,
-            timeout: msg.timeout_ms.map(Duration::from_millis),
-        },
-    );
+    let req = StepRequest {
+        run: &msg.run,
+        hostname: &msg.hostname,
+        mounts: &prepared,
+        resolv_conf: Some(&msg.resolv_conf),
+        limits: Limits::default(),
+        output: &mut output,
+        stdio: Stdio::Capture,
+        timeout: msg.timeout_ms.map(Duration::from_millis),
+    };
+    let result = match &upper {
+        Some(upper) => NamespaceDriver.run_step(&[PathBuf::from(LOWER)], upper, req),
+        None => NamespaceDriver.run_in_root(Path::new(LOWER), req),
+    };
     stop.store(true, Ordering::Relaxed);
     let _ = beat.join();
     if let Some(e) = send_err {
         return Err(err("send output")(e));
     }
-    let outcome = result.map_err(|e| io::Error::other(error_chain(&e)))?;
+    let outcome = match result {
+        // A sandbox command that cannot start gets Docker's codes, as on the host runtime.
+        Err(DriverError::Exec(e)) if sandbox && e.start_failure_code().is_some() => {
+            let code = e.start_failure_code().unwrap_or(126);
+            port.send(
+                Kind::Stderr,
+                format!("kiln: {}", error_chain(&e)).as_bytes(),
+            )?;
+            StepOutcome {
+                status: ExitStatus::Exited(code),
+                exit_code: code,
+                timed_out: false,
+                oom_killed: false,
+                run_time: Duration::ZERO,
+                total_time: Duration::ZERO,
+            }
+        }
+        r => r.map_err(|e| io::Error::other(error_chain(&e)))?,
+    };
     let exit = match outcome.status {
         ExitStatus::Exited(c) => GuestExit::Exited(c),
         ExitStatus::Signaled(s) => GuestExit::Signaled(s),
@@ -401,8 +435,17 @@ fn serve(port: &Arc<Port>, started: Instant) -> io::Result<()> {
             run_ms: outcome.run_time.as_millis() as u64,
         },
     )?;
-    if outcome.exit_code == 0 {
-        send_tree(port, &TarHeader::Upper, &upper, Whiteouts::Oci)?;
+    if let Some(upper) = &upper
+        && outcome.exit_code == 0
+    {
+        send_tree(port, &TarHeader::Upper, upper, Whiteouts::Oci)?;
+    }
+    if sandbox {
+        // Cleanly, so the next boot of this disk replays nothing.
+        nix::unistd::sync();
+        if let Err(e) = nix::mount::umount(LOWER) {
+            console(&format!("kiln-agent: cannot unmount the sandbox disk: {e}"));
+        }
     }
     for (index, m) in msg.mounts.iter().enumerate() {
         if let GuestMount::Cache { name } = m {

@@ -150,7 +150,28 @@ pub fn ensure(dir: &Path, agent: &Path, kernel: &Kernel) -> Result<PathBuf, VmEr
         path.display()
     )))?;
     tracing::debug!(path = %path.display(), modules = contents.len(), "initramfs written");
+    prune(dir, &kernel.release, &path);
     Ok(path)
+}
+
+/// Removes the initramfs images of `release` other than `keep` (an earlier agent's): a VM
+/// that booted one already holds it open, and the next build makes it again if needed.
+fn prune(dir: &Path, release: &str, keep: &Path) {
+    let prefix = format!("{release}-");
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(&prefix)
+            && name.ends_with(".cpio")
+            && e.path() != keep
+            && let Err(err) = std::fs::remove_file(e.path())
+        {
+            tracing::debug!(path = %e.path().display(), %err, "old initramfs left");
+        }
+    }
 }
 
 #[cfg(test)]

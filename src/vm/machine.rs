@@ -34,6 +34,9 @@ pub enum DiskMode {
     Throwaway,
     /// The guest writes to the file.
     ReadWrite,
+    /// A qcow2 file the guest writes to, over its read-only backing image (a sandbox's
+    /// copy-on-write clone of a snapshot).
+    Qcow2,
 }
 
 /// A virtio-blk disk.
@@ -154,14 +157,17 @@ pub fn qemu_args(cfg: &MachineConfig, socket: &Path, khz: Option<u64>) -> Vec<St
         &format!("virtserialport,chardev=agent,name={}", cfg.port_name),
     ]);
     for (i, d) in cfg.disks.iter().enumerate() {
-        let mode = match d.mode {
-            DiskMode::ReadOnly => ",readonly=on",
-            DiskMode::Throwaway => ",snapshot=on",
-            DiskMode::ReadWrite => "",
+        let (format, mode) = match d.mode {
+            DiskMode::ReadOnly => ("raw", ",readonly=on"),
+            DiskMode::Throwaway => ("raw", ",snapshot=on"),
+            DiskMode::ReadWrite => ("raw", ""),
+            DiskMode::Qcow2 => ("qcow2", ""),
         };
+        // QEMU's option syntax: a comma in a value is written twice.
+        let file = d.path.to_string_lossy().replace(',', ",,");
         push(&[
             "-drive",
-            &format!("id=d{i},file={},format=raw,if=none{mode}", d.path.display()),
+            &format!("id=d{i},file={file},format={format},if=none{mode}"),
             "-device",
             &format!("virtio-blk-device,drive=d{i},serial={}", d.serial),
         ]);
@@ -181,15 +187,17 @@ pub fn qemu_args(cfg: &MachineConfig, socket: &Path, khz: Option<u64>) -> Vec<St
 #[derive(Default)]
 struct Console {
     lines: VecDeque<String>,
-    panicked: bool,
+    panic: Option<String>,
 }
 
 const CONSOLE_LINES: usize = 200;
 
 impl Console {
     fn push(&mut self, line: String) {
-        if line.contains("Kernel panic") {
-            self.panicked = true;
+        if self.panic.is_none()
+            && let Some(at) = line.find("Kernel panic")
+        {
+            self.panic = Some(line[at..].trim().to_string());
         }
         if self.lines.len() == CONSOLE_LINES {
             self.lines.pop_front();
@@ -337,12 +345,13 @@ impl Machine {
         tail_of(&self.console)
     }
 
-    /// The console showed a kernel panic.
-    pub fn panicked(&self) -> bool {
+    /// The console's `Kernel panic - not syncing: …` line, if the guest panicked.
+    pub fn panic_line(&self) -> Option<String> {
         self.console
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .panicked
+            .panic
+            .clone()
     }
 
     /// When QEMU was started.

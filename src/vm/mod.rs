@@ -39,6 +39,8 @@ pub mod tarball;
 #[cfg(feature = "host")]
 pub mod agent;
 #[cfg(feature = "host")]
+pub mod disk;
+#[cfg(feature = "host")]
 pub mod initramfs;
 #[cfg(feature = "host")]
 pub mod kernel;
@@ -97,12 +99,12 @@ pub enum VmError {
         console: String,
     },
     /// The guest died before it finished (kernel panic, agent crash, QEMU exit).
-    #[error("the VM stopped {phase}{}{}", if *panicked { " (guest kernel panic)" } else { "" }, tail(console))]
+    #[error("the VM stopped {phase}{}{}", panic.as_ref().map(|l| format!(" (guest {l})")).unwrap_or_default(), tail(console))]
     Crashed {
         /// What it was doing (`while the step ran`, …).
         phase: &'static str,
-        /// The console shows a kernel panic.
-        panicked: bool,
+        /// The console's kernel panic line.
+        panic: Option<String>,
         /// The last console lines.
         console: String,
     },

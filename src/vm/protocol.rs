@@ -164,7 +164,7 @@ pub struct Hello {
 
 /// The root directory's attributes the step's upper layer starts with (overlayfs shows the
 /// upper's root as the merged root).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RootAttrs {
     /// Mode bits (12).
@@ -223,6 +223,10 @@ pub struct StepMessage {
     pub network: bool,
     /// Attributes of the upper layer's root.
     pub root: RootAttrs,
+    /// A sandbox command: the root disk is the sandbox's own writable disk and the command
+    /// runs on it directly (no scratch disk, no upper layer sent back).
+    #[serde(default)]
+    pub sandbox: bool,
 }
 
 /// How the step's command ended.

@@ -36,7 +36,7 @@
 
 use super::{Driver, DriverError, StepOutcome, StepRequest};
 use crate::build::cgroup::Limits;
-use crate::build::executor::{ExitStatus, PreparedMount, SignalGuard, Stream};
+use crate::build::executor::{ExitStatus, PreparedMount, SignalGuard, Stdio, Stream};
 use crate::build::run::View;
 use crate::doctor::Accel;
 use crate::home::Home;
@@ -182,10 +182,13 @@ impl MicrovmDriver {
             .map_err(|reason| VmError::Qemu { reason })?
             .path;
         let (accel, accel_reason) = machine::accelerator()?;
+        static SAID: std::sync::Once = std::sync::Once::new();
         if accel == Accel::Tcg {
-            tracing::warn!(
-                "the microvm builder runs under QEMU TCG (software emulation, several times slower): {accel_reason}"
-            );
+            SAID.call_once(|| {
+                tracing::warn!(
+                "microVMs run under QEMU TCG here (software emulation, several times slower): {accel_reason}"
+                )
+            });
         }
         let kernel = kernel::find(&vm_dir, true)?;
         let agent = agent::locate()?;
@@ -299,7 +302,7 @@ fn crashed(m: &mut Machine, phase: &'static str) -> VmError {
     std::thread::sleep(Duration::from_millis(50));
     VmError::Crashed {
         phase,
-        panicked: m.panicked(),
+        panic: m.panic_line(),
         console: m.console(),
     }
 }
@@ -362,6 +365,15 @@ fn guest_mounts(
         .and_then(|f| f.sync_all())
         .map_err(VmError::prepare("write the context disk"))?;
     Ok((out, any))
+}
+
+/// A sandbox command's output line, to this process's own stream.
+fn print_line(stream: Stream, line: &str) {
+    use std::io::Write;
+    let _ = match stream {
+        Stream::Stdout => writeln!(std::io::stdout().lock(), "{line}"),
+        Stream::Stderr => writeln!(std::io::stderr().lock(), "{line}"),
+    };
 }
 
 fn protocol_err(reason: impl Into<String>) -> VmError {
@@ -434,7 +446,58 @@ impl Driver for MicrovmDriver {
             timeout_ms: req.timeout.map(|t| t.as_millis() as u64),
             network,
             root: root_attrs(upper)?,
+            sandbox: false,
         };
+        self.converse(disks, &msg, req, Some(upper), started, &signals)
+    }
+}
+
+impl MicrovmDriver {
+    /// Runs one sandbox command in a VM booted from `disk`, the sandbox's own qcow2 clone of
+    /// its image's snapshot: the guest mounts it writable and the command's writes stay in
+    /// it. Output comes back as lines (printed to this process's stdout and stderr with
+    /// [`Stdio::Inherit`]); stdin is empty.
+    pub fn run_in_disk(
+        &self,
+        disk: &Path,
+        req: StepRequest<'_>,
+    ) -> Result<StepOutcome, DriverError> {
+        let started = Instant::now();
+        let signals = SignalGuard::install();
+        if !req.mounts.is_empty() {
+            return Err(protocol_err("a sandbox command has no RUN --mount").into());
+        }
+        let disks = vec![Disk {
+            path: disk.to_path_buf(),
+            serial: ROOT_SERIAL,
+            mode: DiskMode::Qcow2,
+        }];
+        let network = req.run.network != ir::Network::None;
+        let msg = StepMessage {
+            run: req.run.clone(),
+            hostname: req.hostname.to_string(),
+            resolv_conf: req.resolv_conf.unwrap_or(USER_NET_DNS).to_string(),
+            mounts: Vec::new(),
+            timeout_ms: req.timeout.map(|t| t.as_millis() as u64),
+            network,
+            root: RootAttrs::default(),
+            sandbox: true,
+        };
+        self.converse(disks, &msg, req, None, started, &signals)
+    }
+
+    /// Boots the VM, sends `msg`, and relays the guest's answers until it is done; the upper
+    /// layer lands in `upper` (a build step) or nowhere (a sandbox command).
+    fn converse(
+        &self,
+        disks: Vec<Disk>,
+        msg: &StepMessage,
+        req: StepRequest<'_>,
+        upper: Option<&Path>,
+        started: Instant,
+        signals: &SignalGuard,
+    ) -> Result<StepOutcome, DriverError> {
+        let network = msg.network;
         let prepared_at = Instant::now();
 
         let cfg = self.config(disks, &req.limits, network);
@@ -453,12 +516,13 @@ impl Driver for MicrovmDriver {
             boot_ms = booted.as_millis() as u64,
             "builder VM up"
         );
-        s.send_json(Kind::Step, &msg)
+        s.send_json(Kind::Step, msg)
             .map_err(|_| crashed(&mut m, "before the step started"))?;
         let step_sent = Instant::now();
         // The guest enforces the step's timeout; this is the backstop if it cannot.
         let backstop = req.timeout.map(|t| step_sent + t + Duration::from_secs(60));
         let interrupted = || signals.interrupted().is_some();
+        let inherit = req.stdio == Stdio::Inherit;
         let output = req.output;
 
         while !answer.done {
@@ -470,7 +534,12 @@ impl Driver for MicrovmDriver {
                         } else {
                             Stream::Stderr
                         };
-                        output(stream, &String::from_utf8_lossy(&payload));
+                        let line = String::from_utf8_lossy(&payload);
+                        if inherit {
+                            print_line(stream, &line);
+                        } else {
+                            output(stream, &line);
+                        }
                     }
                     Kind::Heartbeat | Kind::Log => {}
                     Kind::Outcome if answer.outcome.is_none() && answer.failure.is_none() => {
@@ -563,7 +632,7 @@ impl Driver for MicrovmDriver {
             GuestExit::Exited(c) => ExitStatus::Exited(c),
             GuestExit::Signaled(s) => ExitStatus::Signaled(s),
         };
-        if status.code() == 0 && !answer.upper_received {
+        if upper.is_some() && status.code() == 0 && !answer.upper_received {
             return Err(protocol_err("the step succeeded but no upper layer came back").into());
         }
         Ok(StepOutcome {
@@ -585,7 +654,7 @@ impl MicrovmDriver {
         m: &mut Machine,
         s: &mut Session,
         header: &TarHeader,
-        upper: &Path,
+        upper: Option<&Path>,
         mounts: &[PreparedMount],
         answer: &Answer,
         interrupted: &dyn Fn() -> bool,
@@ -595,9 +664,9 @@ impl MicrovmDriver {
                 let ok = answer
                     .outcome
                     .is_some_and(|o| o.exit == GuestExit::Exited(0));
-                if !ok || answer.upper_received {
+                let Some(upper) = upper.filter(|_| ok && !answer.upper_received) else {
                     return Err(protocol_err("an upper layer the host did not expect").into());
-                }
+                };
                 (upper.to_path_buf(), "upper layer", None)
             }
             TarHeader::Cache { index } => {

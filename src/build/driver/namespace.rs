@@ -154,36 +154,64 @@ impl Driver for NamespaceDriver {
             },
             &merged,
         )?;
-        let result = executor::run(ExecRequest {
-            root: &merged,
-            run: req.run,
-            hostname: req.hostname,
-            mounts: req.mounts,
-            resolv_conf: req.resolv_conf,
-            limits: req.limits,
-            output: req.output,
-            stdio: req.stdio,
-            timeout: req.timeout,
-        });
+        let result = exec_in(&merged, req);
         mounted.unmount()?;
         drop(scratch);
-        if let Some(signal) = signals.interrupted() {
+        step_outcome(result, &signals, started)
+    }
+}
+
+impl NamespaceDriver {
+    /// Runs the step with `root` itself as its root tree, so its writes land there (a
+    /// microVM sandbox's own disk, in the guest); mount points the tree lacks are made and
+    /// removed by the executor.
+    pub fn run_in_root(
+        &self,
+        root: &Path,
+        req: StepRequest<'_>,
+    ) -> Result<StepOutcome, DriverError> {
+        let started = Instant::now();
+        let signals = SignalGuard::install();
+        let result = exec_in(root, req);
+        step_outcome(result, &signals, started)
+    }
+}
+
+fn exec_in(root: &Path, req: StepRequest<'_>) -> Result<executor::ExecOutcome, ExecError> {
+    executor::run(ExecRequest {
+        root,
+        run: req.run,
+        hostname: req.hostname,
+        mounts: req.mounts,
+        resolv_conf: req.resolv_conf,
+        limits: req.limits,
+        output: req.output,
+        stdio: req.stdio,
+        timeout: req.timeout,
+    })
+}
+
+fn step_outcome(
+    result: Result<executor::ExecOutcome, ExecError>,
+    signals: &SignalGuard,
+    started: Instant,
+) -> Result<StepOutcome, DriverError> {
+    if let Some(signal) = signals.interrupted() {
+        return Err(DriverError::Interrupted { signal });
+    }
+    let outcome = match result {
+        Ok(o) => o,
+        Err(ExecError::Interrupted { signal }) => {
             return Err(DriverError::Interrupted { signal });
         }
-        let outcome = match result {
-            Ok(o) => o,
-            Err(ExecError::Interrupted { signal }) => {
-                return Err(DriverError::Interrupted { signal });
-            }
-            Err(e) => return Err(e.into()),
-        };
-        Ok(StepOutcome {
-            status: outcome.status,
-            exit_code: outcome.status.code(),
-            timed_out: outcome.timed_out,
-            oom_killed: outcome.oom_killed,
-            run_time: outcome.elapsed,
-            total_time: started.elapsed(),
-        })
-    }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(StepOutcome {
+        status: outcome.status,
+        exit_code: outcome.status.code(),
+        timed_out: outcome.timed_out,
+        oom_killed: outcome.oom_killed,
+        run_time: outcome.elapsed,
+        total_time: started.elapsed(),
+    })
 }
