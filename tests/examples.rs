@@ -102,6 +102,13 @@ fn hello(home: &Path) {
         std::fs::read_to_string(m.dir.path().join("srv/hello.txt")).expect("hello.txt"),
         "hello from Linux\n"
     );
+    // The namespace builder runs RUN on this host's kernel (the microvm builder's is the
+    // guest's: tests/microvm.rs).
+    let host = nix::sys::utsname::uname().expect("uname");
+    assert_eq!(
+        std::fs::read_to_string(m.dir.path().join("srv/built-on.txt")).expect("built-on.txt"),
+        format!("built on {}\n", host.release().to_string_lossy())
+    );
     assert_eq!(sbx_run(home, "hello", &[]), "hello from Linux\n");
 }
 

@@ -1,7 +1,7 @@
 //! The built-in bases, made on this machine with no registry: `kiln/busybox` (Debian's
-//! static busybox, applet symlinks, `/etc/passwd`, `/etc/group`) and `kiln/debian:bookworm`
-//! (`mmdebstrap --variant=minbase` from the host's configured Debian mirror, without the
-//! host's `resolv.conf` and `hostname`). Each is made once per store and recorded like any
+//! static busybox, applet symlinks, `/etc/passwd`, `/etc/group`, `/etc/os-release`) and
+//! `kiln/debian:bookworm` (`mmdebstrap --variant=minbase` from the host's configured Debian
+//! mirror, without the host's `resolv.conf` and `hostname`). Each is made once per store and recorded like any
 //! pulled image; its config (Env PATH, Cmd) is the one lowering already assumes
 //! ([`crate::frontend::lower::builtin_config`]).
 
@@ -248,8 +248,13 @@ fn busybox_layer(store: &Store) -> Result<(Layer, String), OciError> {
         b.append_data(&mut h, format!("{d}/"), std::io::empty())
             .map_err(tar_err)?;
     }
-    let files: [(&str, u32, &[u8]); 3] = [
+    let files: [(&str, u32, &[u8]); 4] = [
         ("bin/busybox", 0o755, &binary),
+        (
+            "etc/os-release",
+            0o644,
+            b"NAME=\"Kiln busybox\"\nID=kiln-busybox\nPRETTY_NAME=\"Kiln busybox (Debian busybox-static)\"\nHOME_URL=\"https://busybox.net/\"\n",
+        ),
         (
             "etc/passwd",
             0o644,
