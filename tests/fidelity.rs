@@ -1,5 +1,6 @@
 //! Fidelity: every Dockerfile under `tests/fidelity/CASE/` is built by Kiln (`kiln image
-//! create`, namespace builder) and by buildah (`buildah bud --isolation chroot`, vfs storage),
+//! create`, namespace builder; the cases with RUN steps also with `--builder microvm`, the
+//! `microvm_*` tests) and by buildah (`buildah bud --isolation chroot`, vfs storage),
 //! both `FROM` the same `kiln/busybox` base served by a `docker-registry` on 127.0.0.1, and the
 //! two root trees are compared file by file: paths, types, modes, numeric owners, contents
 //! (sha256), symlink targets, xattrs, hard links, and the mtimes of everything that existed
@@ -35,6 +36,7 @@
 //! `KILN_FIDELITY_KEEP=1` keeps each case's work dir (context, both trees as text).
 
 mod oci_support;
+mod vm_support;
 
 use oci_support::{Registry, RegistryAuth, json_of, kiln, need, run, skopeo_copy};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -494,6 +496,9 @@ struct Case {
     /// removes the stubs it created, parents included (executor.MountStubsCleaner), and Kiln
     /// is checked to leave none either.
     buildah_stubs: &'static [&'static str],
+    /// `--builder microvm` (issue 7: the microvm builder gives the trees the namespace
+    /// builder gives); the namespace builder otherwise.
+    microvm: bool,
 }
 
 fn copy_tree(from: &Path, to: &Path) {
@@ -667,7 +672,27 @@ impl Run {
         for s in &self.secrets {
             args.extend(["--secret", s]);
         }
-        let out = kiln(home, None, &args, &[]);
+        let agent;
+        let mut env = Vec::new();
+        let _one = if self.case.microvm {
+            vm_support::require_tools();
+            agent = vm_support::agent().to_string_lossy().into_owned();
+            env.push(("KILN_AGENT", agent.as_str()));
+            args.extend([
+                "--builder",
+                "microvm",
+                "--cpus",
+                "1",
+                "--memory",
+                "512",
+                "--builder_disk_mb",
+                "256",
+            ]);
+            Some(vm_support::one_vm())
+        } else {
+            None
+        };
+        let out = kiln(home, None, &args, &env);
         let (stdout, stderr) = (
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr),
@@ -1017,4 +1042,49 @@ fn step_cache_reruns_from_the_first_changed_input() {
     let other = run.build("cache-other-name");
     run.assert_same(&other);
     assert_eq!(cached(&other), [true, true, true, true, false, false]);
+}
+
+// ---------------------------------------------------------------------------------------
+// The same cases on the microvm builder (issue 7 item 5): each RUN in a QEMU microVM (TCG
+// here), the layers brought back through the hardened unpacker; the trees must be the ones
+// buildah gives, as on the namespace builder. COPY and ADD run on the host either way, so
+// the cases with RUN steps are the ones that tell.
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn microvm_run_env_user_workdir_shell() {
+    same_tree(Case {
+        name: "run",
+        microvm: true,
+        ..Case::default()
+    });
+}
+
+#[test]
+fn microvm_run_mounts_leave_nothing() {
+    same_tree(Case {
+        name: "mounts",
+        secrets: &[("token", "s3cr3t-value\n")],
+        buildah_stubs: &["etc/app", "mnt", "opt", "run/secrets", "var/cache"],
+        microvm: true,
+        ..Case::default()
+    });
+}
+
+#[test]
+fn microvm_whiteouts_and_copy_ups() {
+    same_tree(Case {
+        name: "whiteouts",
+        microvm: true,
+        ..Case::default()
+    });
+}
+
+#[test]
+fn microvm_stages_from_link_exclude_parents() {
+    same_tree(Case {
+        name: "stages",
+        microvm: true,
+        ..Case::default()
+    });
 }
