@@ -53,7 +53,7 @@ pub fn main(args: BenchBuildArgs) -> ExitCode {
     }
 }
 
-fn repo_root() -> PathBuf {
+pub(crate) fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap_or(Path::new(".."))
@@ -61,7 +61,7 @@ fn repo_root() -> PathBuf {
 }
 
 /// Builds `kiln` in release mode and returns its path.
-fn kiln_binary() -> Result<PathBuf, String> {
+pub(crate) fn kiln_binary() -> Result<PathBuf, String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     sh(Command::new(cargo).current_dir(repo_root()).args([
         "build",
@@ -188,13 +188,13 @@ fn make_context(ctx: &Path, base: &str) -> Result<(), String> {
     std::fs::write(&df, text).map_err(|e| e.to_string())
 }
 
-struct Kiln {
-    bin: PathBuf,
-    home: PathBuf,
+pub(crate) struct Kiln {
+    pub(crate) bin: PathBuf,
+    pub(crate) home: PathBuf,
 }
 
 impl Kiln {
-    fn cmd(&self, args: &[&str]) -> Command {
+    pub(crate) fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.bin);
         c.arg("--home")
             .arg(&self.home)
@@ -204,7 +204,7 @@ impl Kiln {
     }
 
     /// Runs kiln with `--json -q`; returns the JSON.
-    fn json(&self, args: &[&str]) -> Result<serde_json::Value, String> {
+    pub(crate) fn json(&self, args: &[&str]) -> Result<serde_json::Value, String> {
         let mut all = args.to_vec();
         all.extend(["--json", "-q"]);
         let out = self.cmd(&all).output().map_err(|e| format!("kiln: {e}"))?;
@@ -241,13 +241,13 @@ impl Kiln {
     }
 }
 
-fn time<T>(f: impl FnOnce() -> Result<T, String>) -> Result<(Duration, T), String> {
+pub(crate) fn time<T>(f: impl FnOnce() -> Result<T, String>) -> Result<(Duration, T), String> {
     let t0 = Instant::now();
     let v = f()?;
     Ok((t0.elapsed(), v))
 }
 
-fn ms(d: Duration) -> String {
+pub(crate) fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
 

@@ -8,14 +8,19 @@
 //! - `cargo xtask bench pull`: base pull + unpack against skopeo + umoci.
 //! - `cargo xtask bench build`: `image create` of examples/python-app (cold, no-op, one file
 //!   changed) against buildah + `mkfs.ext4 -d`, and `sbx run` launch latency.
+//! - `cargo xtask bench vm`: microVM boot to agent, examples/hello on the microvm builder
+//!   against the namespace builder, and `sbx run` on both runtimes.
+//! - `cargo xtask agent`: build the static guest agent into `target/agent/kiln-agent`.
 //!
-//! `fuzz` and `bench parse` read BuildKit's conformance corpus in place from `../shared/conformance/buildkit`
-//! (or `$KILN_CONFORMANCE_DIR`) and fail if it is missing.
+//! `fuzz` and `bench parse` read BuildKit's conformance corpus in place from
+//! `../shared/conformance/buildkit` (or `$KILN_CONFORMANCE_DIR`) and fail if it is missing.
 
+mod agent;
 mod bench;
 mod bench_build;
 mod bench_pull;
 mod bench_snapshot;
+mod bench_vm;
 mod corpus;
 mod fuzz;
 mod generate;
@@ -41,6 +46,8 @@ enum Task {
         #[command(subcommand)]
         what: Bench,
     },
+    /// Build the static guest agent into `target/agent/kiln-agent`.
+    Agent,
 }
 
 #[derive(Subcommand)]
@@ -53,6 +60,8 @@ enum Bench {
     Pull(bench_pull::BenchPullArgs),
     /// `image create` of examples/python-app against buildah + mkfs.ext4, and sbx launch.
     Build(bench_build::BenchBuildArgs),
+    /// MicroVM boot to agent, examples/hello on both builders, sbx run on both runtimes.
+    Vm(bench_vm::BenchVmArgs),
 }
 
 fn main() -> ExitCode {
@@ -70,5 +79,9 @@ fn main() -> ExitCode {
         Task::Bench {
             what: Bench::Build(args),
         } => bench_build::main(args),
+        Task::Bench {
+            what: Bench::Vm(args),
+        } => bench_vm::main(args),
+        Task::Agent => agent::main(),
     }
 }
