@@ -678,16 +678,7 @@ impl Run {
             vm_support::require_tools();
             agent = vm_support::agent().to_string_lossy().into_owned();
             env.push(("KILN_AGENT", agent.as_str()));
-            args.extend([
-                "--builder",
-                "microvm",
-                "--cpus",
-                "1",
-                "--memory",
-                "512",
-                "--builder_disk_mb",
-                "256",
-            ]);
+            args.extend_from_slice(vm_support::SMALL_VM);
             Some(vm_support::one_vm())
         } else {
             None

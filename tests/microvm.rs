@@ -13,6 +13,13 @@ use std::path::Path;
 use std::process::Command;
 use vm_support::{agent, one_vm, require_tools};
 
+/// `kiln sbx run --runtime microvm --image IMAGE` with `rest` after it.
+fn sbx_run_vm(home: &Path, image: &str, rest: &[&str]) -> Run {
+    let mut a = vec!["sbx", "run", "--runtime", "microvm", "--image", image];
+    a.extend_from_slice(rest);
+    kiln(home, &a)
+}
+
 struct Run {
     code: i32,
     stdout: String,
@@ -60,20 +67,13 @@ fn create_args<'a>(path: &'a str, name: &'a str, extra: &[&'a str]) -> Vec<&'a s
         path,
         "-n",
         name,
-        "--builder",
-        "microvm",
-        "--cpus",
-        "1",
-        "--memory",
-        "512",
         "--disk_mb",
         "64",
-        "--builder_disk_mb",
-        "256",
         "--progress",
         "plain",
         "--json",
     ];
+    a.extend_from_slice(vm_support::SMALL_VM);
     a.extend_from_slice(extra);
     a
 }
@@ -176,53 +176,15 @@ fn hello_example_builds_on_the_microvm_builder() {
     assert_eq!(d["builder"], "microvm");
 
     // The done-when of the microVM runtime: a sandbox booted from the image's snapshot.
-    let r = kiln(
-        home.path(),
-        &[
-            "sbx",
-            "run",
-            "--runtime",
-            "microvm",
-            "--image",
-            "hello",
-            "--",
-            "cat",
-            "/etc/os-release",
-        ],
-    );
+    let r = sbx_run_vm(home.path(), "hello", &["--", "cat", "/etc/os-release"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stdout.contains("ID=kiln-busybox"), "{}", r.stdout);
     // The image's CMD, ENV and WORKDIR apply in the guest as on the host runtime.
-    let r = kiln(
-        home.path(),
-        &[
-            "sbx",
-            "run",
-            "--runtime",
-            "microvm",
-            "--image",
-            "hello",
-            "--json",
-        ],
-    );
+    let r = sbx_run_vm(home.path(), "hello", &["--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(r.json()["stdout"], "hello from Linux\n");
-    let r = kiln(
-        home.path(),
-        &[
-            "sbx",
-            "run",
-            "--runtime",
-            "microvm",
-            "--image",
-            "hello",
-            "--json",
-            "--",
-            "sh",
-            "-c",
-            "echo $GREETING in $PWD on $(uname -r); exit 3",
-        ],
-    );
+    let cmd = "echo $GREETING in $PWD on $(uname -r); exit 3";
+    let r = sbx_run_vm(home.path(), "hello", &["--json", "--", "sh", "-c", cmd]);
     assert_eq!(r.code, 3, "{}", r.stderr);
     let out = r.json()["stdout"].as_str().unwrap_or_default().to_string();
     assert!(out.starts_with("hello in /srv on "), "{out}");

@@ -292,6 +292,24 @@ fn mount_tool(args: &[&std::ffi::OsStr]) -> std::result::Result<(), String> {
     }
 }
 
+/// Loop-mounts the ext4 disk `disk` read-only at `target`; `noload`: never replay a journal
+/// on a disk that must stay byte-identical.
+fn mount_ro(disk: &Path, target: &Path) -> Result<()> {
+    mount_tool(&[
+        "mount".as_ref(),
+        "-t".as_ref(),
+        "ext4".as_ref(),
+        "-o".as_ref(),
+        "ro,loop,noload,nodev".as_ref(),
+        disk.as_os_str(),
+        target.as_os_str(),
+    ])
+    .map_err(|detail| SbxError::Mount {
+        disk: disk.to_path_buf(),
+        detail,
+    })
+}
+
 /// Whether `dir` is a mount point other than its parent's file system.
 fn is_mounted(dir: &Path) -> bool {
     match (fs::metadata(dir), dir.parent().map(fs::metadata)) {
@@ -361,20 +379,7 @@ impl Sandboxes {
             return Ok(target);
         }
         fs::create_dir_all(&target).map_err(io_err("create", &target))?;
-        // noload: never replay a journal on a disk that must stay byte-identical.
-        mount_tool(&[
-            "mount".as_ref(),
-            "-t".as_ref(),
-            "ext4".as_ref(),
-            "-o".as_ref(),
-            "ro,loop,noload,nodev".as_ref(),
-            disk.as_os_str(),
-            target.as_os_str(),
-        ])
-        .map_err(|detail| SbxError::Mount {
-            disk: disk.to_path_buf(),
-            detail,
-        })?;
+        mount_ro(disk, &target)?;
         Ok(target)
     }
 
@@ -660,16 +665,7 @@ impl DiskView {
         crate::vm::disk::to_raw(qcow2, &raw)?;
         let mount = dir.path().join("root");
         fs::create_dir(&mount).map_err(io_err("create", &mount))?;
-        mount_tool(&[
-            "mount".as_ref(),
-            "-t".as_ref(),
-            "ext4".as_ref(),
-            "-o".as_ref(),
-            "ro,loop,noload,nodev".as_ref(),
-            raw.as_os_str(),
-            mount.as_os_str(),
-        ])
-        .map_err(|detail| SbxError::Mount { disk: raw, detail })?;
+        mount_ro(&raw, &mount)?;
         Ok(DiskView { _dir: dir, mount })
     }
 }

@@ -9,6 +9,18 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
+/// `image create` flags for a small builder VM: one vCPU, 512 MiB, a 256 MiB scratch disk.
+pub const SMALL_VM: &[&str] = &[
+    "--builder",
+    "microvm",
+    "--cpus",
+    "1",
+    "--memory",
+    "512",
+    "--builder_disk_mb",
+    "256",
+];
+
 /// The static agent, built once per test binary.
 pub fn agent() -> &'static Path {
     static AGENT: OnceLock<PathBuf> = OnceLock::new();

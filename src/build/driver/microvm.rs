@@ -367,6 +367,25 @@ fn guest_mounts(
     Ok((out, any))
 }
 
+/// What the agent gets for `req`.
+fn step_message(
+    req: &StepRequest<'_>,
+    mounts: Vec<GuestMount>,
+    root: RootAttrs,
+    sandbox: bool,
+) -> StepMessage {
+    StepMessage {
+        run: req.run.clone(),
+        hostname: req.hostname.to_string(),
+        resolv_conf: req.resolv_conf.unwrap_or(USER_NET_DNS).to_string(),
+        mounts,
+        timeout_ms: req.timeout.map(|t| t.as_millis() as u64),
+        network: req.run.network != ir::Network::None,
+        root,
+        sandbox,
+    }
+}
+
 /// A sandbox command's output line, to this process's own stream.
 fn print_line(stream: Stream, line: &str) {
     use std::io::Write;
@@ -437,17 +456,7 @@ impl Driver for MicrovmDriver {
                 mode: DiskMode::ReadOnly,
             });
         }
-        let network = req.run.network != ir::Network::None;
-        let msg = StepMessage {
-            run: req.run.clone(),
-            hostname: req.hostname.to_string(),
-            resolv_conf: req.resolv_conf.unwrap_or(USER_NET_DNS).to_string(),
-            mounts,
-            timeout_ms: req.timeout.map(|t| t.as_millis() as u64),
-            network,
-            root: root_attrs(upper)?,
-            sandbox: false,
-        };
+        let msg = step_message(&req, mounts, root_attrs(upper)?, false);
         self.converse(disks, &msg, req, Some(upper), started, &signals)
     }
 }
@@ -472,17 +481,7 @@ impl MicrovmDriver {
             serial: ROOT_SERIAL,
             mode: DiskMode::Qcow2,
         }];
-        let network = req.run.network != ir::Network::None;
-        let msg = StepMessage {
-            run: req.run.clone(),
-            hostname: req.hostname.to_string(),
-            resolv_conf: req.resolv_conf.unwrap_or(USER_NET_DNS).to_string(),
-            mounts: Vec::new(),
-            timeout_ms: req.timeout.map(|t| t.as_millis() as u64),
-            network,
-            root: RootAttrs::default(),
-            sandbox: true,
-        };
+        let msg = step_message(&req, Vec::new(), RootAttrs::default(), true);
         self.converse(disks, &msg, req, None, started, &signals)
     }
 
