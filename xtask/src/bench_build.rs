@@ -19,7 +19,7 @@
 //! Sides alternate which goes first; the medians are printed with the ratio Kiln / buildah.
 //! Needs root, docker-registry, skopeo, buildah, mmdebstrap and e2fsprogs.
 
-use crate::bench_pull::{Registry, median, need, secs, sh};
+use crate::bench_pull::{Registry, fresh_dir, median, need, secs, sh};
 use kiln::home::Home;
 use kiln::oci::Reference;
 use kiln::oci::pull::{self, PullOptions};
@@ -293,7 +293,9 @@ fn run(args: &BenchBuildArgs) -> Result<(), String> {
 
     // Both pull the base before anything is timed.
     let kiln_home = root.join("kiln-home");
-    let _ = std::fs::remove_dir_all(&kiln_home);
+    // An earlier run's home still has its sandboxes' snapshot mounts: unmounted first, or
+    // the removal fails and the step cache survives into this run.
+    fresh_dir(&kiln_home)?;
     let kiln = Kiln {
         bin,
         home: kiln_home,

@@ -121,6 +121,19 @@ pub(crate) fn sh(cmd: &mut Command) -> Result<(), String> {
     }
 }
 
+/// Removes `dir` (if there) for a fresh start: first whatever is mounted below it (a Kiln
+/// home keeps snapshot mounts for sandboxes), then the tree; a failure is an error, so a run
+/// never measures against a cache an earlier run left.
+pub(crate) fn fresh_dir(dir: &Path) -> Result<(), String> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let real = std::fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    kiln::build::overlay::unmount_under(&real)
+        .map_err(|e| format!("unmount under {}: {e}", real.display()))?;
+    std::fs::remove_dir_all(&real).map_err(|e| format!("remove {}: {e}", real.display()))
+}
+
 pub(crate) fn median(v: &[Duration]) -> Duration {
     let mut v = v.to_vec();
     v.sort();
