@@ -15,6 +15,8 @@ pub mod fs;
 pub mod home;
 pub mod ir;
 #[cfg(feature = "host")]
+pub mod mount;
+#[cfg(feature = "host")]
 pub mod oci;
 #[cfg(feature = "host")]
 pub mod pipeline;

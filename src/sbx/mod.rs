@@ -277,34 +277,9 @@ pub struct Sandboxes {
     mounts: PathBuf,
 }
 
-/// Runs `mount(8)` or `umount(8)`; their messages are the clearest explanation of a failure.
-fn mount_tool(args: &[&std::ffi::OsStr]) -> std::result::Result<(), String> {
-    let (tool, rest) = args.split_first().ok_or_else(|| "no command".to_string())?;
-    let out = std::process::Command::new(tool)
-        .args(rest)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", tool.to_string_lossy()))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-    }
-}
-
-/// Loop-mounts the ext4 disk `disk` read-only at `target`; `noload`: never replay a journal
-/// on a disk that must stay byte-identical.
+/// Loop-mounts the ext4 disk `disk` read-only at `target`.
 fn mount_ro(disk: &Path, target: &Path) -> Result<()> {
-    mount_tool(&[
-        "mount".as_ref(),
-        "-t".as_ref(),
-        "ext4".as_ref(),
-        "-o".as_ref(),
-        "ro,loop,noload,nodev".as_ref(),
-        disk.as_os_str(),
-        target.as_os_str(),
-    ])
-    .map_err(|detail| SbxError::Mount {
+    crate::mount::loop_mount(disk, target, true).map_err(|detail| SbxError::Mount {
         disk: disk.to_path_buf(),
         detail,
     })
@@ -398,7 +373,7 @@ impl Sandboxes {
                 continue;
             };
             if is_mounted(&target)
-                && let Err(detail) = mount_tool(&["umount".as_ref(), target.as_os_str()])
+                && let Err(detail) = crate::mount::umount(&target)
             {
                 tracing::warn!(mount = %target.display(), %detail, "snapshot mount left");
                 continue;
@@ -672,7 +647,7 @@ impl DiskView {
 
 impl Drop for DiskView {
     fn drop(&mut self) {
-        if let Err(detail) = mount_tool(&["umount".as_ref(), self.mount.as_os_str()]) {
+        if let Err(detail) = crate::mount::umount(&self.mount) {
             tracing::warn!(mount = %self.mount.display(), %detail, "sandbox disk view left mounted");
         }
     }
