@@ -152,6 +152,8 @@ pub struct BuildRequest<'a> {
     pub secrets: BTreeMap<String, PathBuf>,
     /// Kill a RUN step after this long.
     pub step_timeout: Option<std::time::Duration>,
+    /// `--builder_disk_mb`: what RUN steps may write on the namespace builder.
+    pub builder_disk_mb: Option<u64>,
 }
 
 /// A finished build: the spec, the steps, and a mounted view of the target's tree.
@@ -213,6 +215,11 @@ pub fn build(
         secrets: req.secrets.clone(),
         cache_mounts,
         scratch: cache_dir.clone(),
+        builder_disk_mb: req.builder_disk_mb,
+        disk_dir: home.tmp().map_err(|e| PipelineError::Io {
+            what: "the scratch space",
+            source: std::io::Error::other(e.to_string()),
+        })?,
         events,
     };
     let out = run::build(&lowered.spec, &ctx, &bases, &cache, driver, &mut opts)?;

@@ -170,6 +170,8 @@ fn run_build(h: &Home, dockerfile: &str) -> Result<(Vec<bool>, Vec<PathBuf>), Bu
         secrets: BTreeMap::new(),
         cache_mounts: h.home.path().join("cache-mounts-v1"),
         scratch: h.home.path().join("cache-v1"),
+        builder_disk_mb: None,
+        disk_dir: h.home.path().join("tmp"),
         events: &mut events,
     };
     let out = build(&spec, &ctx, &NoBases, &cache, &NamespaceDriver, &mut opts)?;

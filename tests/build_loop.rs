@@ -94,6 +94,8 @@ fn run_build(s: &Setup, dockerfile: &str, no_cache: bool) -> Result<Built, Build
         secrets: BTreeMap::new(),
         cache_mounts: s.home.path().join("cache-mounts-v1"),
         scratch,
+        builder_disk_mb: None,
+        disk_dir: s.home.path().join("tmp"),
         events: &mut events,
     };
     let out = build(&spec, &ctx, &s.bases, &cache, &NamespaceDriver, &mut opts)?;

@@ -225,3 +225,102 @@ fn bad_dockerfiles_exit_2_with_a_location() {
     let ls = json(&kiln(home.path(), &["image", "ls", "--json"]));
     assert_eq!(ls.as_array().map(Vec::len), Some(0));
 }
+
+/// `--builder_disk_mb` is a real limit on the namespace builder: RUN writes on a scratch
+/// disk of that size, a step that writes more fails with the reason, the host's file system
+/// takes none of it, and nothing is left mounted; a step within it builds the same layer.
+#[test]
+fn builder_disk_mb_bounds_what_run_may_write() {
+    let home = tempfile::tempdir().expect("home");
+    let ctx = tempfile::tempdir().expect("ctx");
+    let df = ctx.path().join("Dockerfile");
+    let dir = ctx.path().to_str().expect("utf-8");
+    let create = |name: &str| {
+        kiln(
+            home.path(),
+            &[
+                "image",
+                "create",
+                dir,
+                "-n",
+                name,
+                "--disk_mb",
+                "64",
+                "--builder_disk_mb",
+                "64",
+                "--json",
+            ],
+        )
+    };
+    std::fs::write(
+        &df,
+        "FROM kiln/busybox\nRUN mkdir /d && dd if=/dev/zero of=/d/ten bs=1M count=10 2>/dev/null \
+         && ln -s ten /d/link && rm /etc/group && chmod 700 /d\n",
+    )
+    .expect("write");
+    let r = create("fits");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v = json(&r);
+    let disk = v["snapshot_uri"]
+        .as_str()
+        .and_then(|u| u.strip_prefix("file://"))
+        .expect("uri")
+        .to_string();
+    let stat = |p: &str| {
+        let out = Command::new("debugfs")
+            .args(["-R", &format!("stat {p}"), &disk])
+            .output()
+            .expect("debugfs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        stat("/d/ten").contains("Size: 10485760"),
+        "{}",
+        stat("/d/ten")
+    );
+    assert!(stat("/d").contains("Mode:  0700"), "{}", stat("/d"));
+    assert!(
+        stat("/d/link").contains("Fast link dest: \"ten\""),
+        "{}",
+        stat("/d/link")
+    );
+    // The deletion came through the move into the cache as a whiteout.
+    assert!(
+        !stat("/etc/group").contains("Inode:"),
+        "{}",
+        stat("/etc/group")
+    );
+
+    std::fs::write(
+        &df,
+        "FROM kiln/busybox\nRUN dd if=/dev/zero of=/big bs=1M count=200\n",
+    )
+    .expect("write");
+    let r = create("too-big");
+    assert_eq!(r.code, 1, "{} {}", r.stdout, r.stderr);
+    let msg = json(&r)["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(msg.contains("scratch disk is full"), "{msg}");
+    assert!(msg.contains("No space left on device"), "{msg}");
+    let ls = json(&kiln(home.path(), &["image", "ls", "--json"]));
+    assert!(!ls.to_string().contains("too-big"), "{ls}");
+    // Nothing of it under KILN_HOME, and no scratch disk still mounted.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let home_s = home.path().to_string_lossy();
+    assert!(
+        !mounts.contains(&*home_s),
+        "left mounted under {home_s}:\n{mounts}"
+    );
+    let used = Command::new("du")
+        .args(["-sm", &home_s])
+        .output()
+        .expect("du");
+    let mb: u64 = String::from_utf8_lossy(&used.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("du figure");
+    assert!(mb < 150, "KILN_HOME holds {mb} MiB after a refused step");
+}

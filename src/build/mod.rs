@@ -1,6 +1,7 @@
 //! The builder side: build context and `.dockerignore`, step cache keys, drivers.
 //!
-//! Depends on `ir` and the OS only; knows no registry and no snapshot format.
+//! Depends on `ir` and the OS; knows no registry. Disks it makes for itself (the microVM's,
+//! the namespace builder's scratch disk) come from the snapshot module's ext4 writer.
 
 #[cfg(feature = "host")]
 pub mod cache;
@@ -18,4 +19,6 @@ pub mod fetch;
 pub mod overlay;
 #[cfg(feature = "host")]
 pub mod run;
+#[cfg(feature = "host")]
+pub mod scratch_disk;
 pub mod sys;

@@ -14,6 +14,7 @@ use super::driver::{Driver, StepRequest};
 use super::executor::{PreparedMount, Stdio, Stream};
 use super::fetch::{self, FetchError, GitRef};
 use super::overlay::{self, Layers, Overlay};
+use super::scratch_disk::{ScratchDisk, move_layer};
 use crate::ir::{Base, CopyFrom, ImageConfig, ImageSpec, Mount, Op, Source};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -173,6 +174,11 @@ pub struct BuildOptions<'a> {
     pub cache_mounts: PathBuf,
     /// Scratch space for views and downloads (same file system as the cache).
     pub scratch: PathBuf,
+    /// RUN steps write on a scratch disk of this many MiB, made under `disk_dir` on the
+    /// first RUN that runs ([`super::scratch_disk`]); `None`: on the cache's file system.
+    pub builder_disk_mb: Option<u64>,
+    /// Where the scratch disk goes (`KILN_HOME/tmp`).
+    pub disk_dir: PathBuf,
     /// Progress.
     pub events: &'a mut dyn FnMut(Event<'_>),
 }
@@ -310,6 +316,8 @@ struct Loop<'a, 'o> {
     built: BTreeMap<usize, BuiltStage>,
     /// The remote sources of the ADD step being keyed and run.
     remote: Option<Remote>,
+    /// The RUN steps' scratch disk, once one ran.
+    disk: Option<ScratchDisk>,
 }
 
 /// ADD's URLs and git repositories, fetched (or resolved) while keying the step, by source
@@ -341,6 +349,7 @@ pub fn build(
         steps: Vec::new(),
         built: BTreeMap::new(),
         remote: None,
+        disk: None,
     };
     let mut order = Vec::new();
     for stage in &spec.stages {
@@ -706,7 +715,38 @@ impl Loop<'_, '_> {
         std::fs::create_dir(&upper).map_err(io("make a staging directory"))?;
         inherit_root_attrs(layers, &upper).map_err(io("prepare a staging directory"))?;
         match op {
-            Op::Run(run) => self.run(run, layers, &upper, number, instruction)?,
+            Op::Run(run) => match self.run_disk(number, instruction)? {
+                None => self.run(run, layers, &upper, number, instruction)?,
+                Some(disk) => {
+                    let on_disk =
+                        tempfile::tempdir_in(&disk).map_err(io("use the scratch disk"))?;
+                    let run_upper = on_disk.path().join("upper");
+                    std::fs::create_dir(&run_upper).map_err(io("use the scratch disk"))?;
+                    inherit_root_attrs(layers, &run_upper).map_err(io("use the scratch disk"))?;
+                    let ran = self.run(run, layers, &run_upper, number, instruction);
+                    let ran = match ran {
+                        Err(BuildError::StepFailed {
+                            step,
+                            instruction,
+                            code,
+                            why: "",
+                            tail,
+                        }) if self.disk.as_ref().is_some_and(ScratchDisk::full) => {
+                            Err(BuildError::StepFailed {
+                                step,
+                                instruction,
+                                code,
+                                why: " (the builder's scratch disk is full: raise --builder_disk_mb)",
+                                tail,
+                            })
+                        }
+                        other => other,
+                    };
+                    ran?;
+                    move_layer(&run_upper, &upper)
+                        .map_err(io("move the step's layer into the cache"))?;
+                }
+            },
             Op::Copy(_) | Op::Add(_) | Op::Workdir { .. } => {
                 let work = staging.path().join("work");
                 let merged = staging.path().join("merged");
@@ -723,6 +763,31 @@ impl Loop<'_, '_> {
         self.cache
             .commit(key, &upper)
             .map_err(io("commit a layer to the cache"))
+    }
+
+    /// The scratch disk RUN steps write on (mounted on first use), or `None` when they write
+    /// on the cache's file system (no `builder_disk_mb`, or a driver with its own disk).
+    fn run_disk(
+        &mut self,
+        number: usize,
+        instruction: &str,
+    ) -> Result<Option<PathBuf>, BuildError> {
+        let Some(mb) = self.opts.builder_disk_mb else {
+            return Ok(None);
+        };
+        if self.driver.name() != "namespace" {
+            return Ok(None);
+        }
+        if self.disk.is_none() {
+            let disk = ScratchDisk::mount(&self.opts.disk_dir, mb).map_err(|e| BuildError::Io {
+                what: format!(
+                    "step {number} ({instruction}): make the builder's scratch disk of {mb} MiB (--builder_disk_mb)"
+                ),
+                source: e,
+            })?;
+            self.disk = Some(disk);
+        }
+        Ok(self.disk.as_ref().map(|d| d.path().to_path_buf()))
     }
 
     fn fs_step(

@@ -96,8 +96,8 @@ pub struct CreateArgs {
     /// Size of the snapshot's root disk, MiB.
     #[arg(long = "disk_mb", alias = "disk-mb", default_value_t = crate::snapshot::DEFAULT_DISK_MB)]
     pub disk_mb: u64,
-    /// Scratch space of the builder, MiB (default 2 × disk_mb; the namespace builder uses the
-    /// host's file system and does not enforce it).
+    /// Scratch space of the builder, MiB (default 2 × disk_mb): what RUN steps may write (a
+    /// loop-mounted scratch disk on the namespace builder, the VM's scratch disk on microvm).
     #[arg(long = "builder_disk_mb", alias = "builder-disk-mb")]
     pub builder_disk_mb: Option<u64>,
     /// Register a public name (unique across all projects).
@@ -276,6 +276,11 @@ pub fn run(args: &CreateArgs, ctx: &Ctx) -> Result<(), CliError> {
         },
         secrets,
         step_timeout: args.step_timeout.map(Duration::from_secs),
+        builder_disk_mb: Some(
+            args.builder_disk_mb
+                .unwrap_or(args.disk_mb.saturating_mul(2))
+                .max(64),
+        ),
     };
     let driver = driver(args, &home)?;
     let builder = driver.name();

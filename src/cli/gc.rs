@@ -188,7 +188,8 @@ async fn run_async(args: &GcArgs, ctx: &Ctx) -> Result<(), CliError> {
         }
     }
 
-    // 4. tmp/ entries named by a process that is gone (`kiln-PID-START-…`).
+    // 4. tmp/ entries named by a process that is gone (`kiln-PID-START-…`), among them a
+    // killed build's scratch disk (unmounted first).
     let home = ctx.home()?;
     let tmp = home.root().join("tmp");
     if let Ok(rd) = std::fs::read_dir(&tmp) {
@@ -201,6 +202,9 @@ async fn run_async(args: &GcArgs, ctx: &Ctx) -> Result<(), CliError> {
                 continue;
             }
             let p = e.path();
+            // A killed build's scratch disk is still mounted in its directory.
+            let real = std::fs::canonicalize(&p).unwrap_or_else(|_| p.clone());
+            crate::build::overlay::unmount_under(&real).map_err(|e| io(&p, e))?;
             freed += size_of(&p);
             remove_path(&p).map_err(|e| io(&p, e))?;
             files.push(p);
