@@ -156,14 +156,16 @@ pub struct BuildRequest<'a> {
     pub builder_disk_mb: Option<u64>,
 }
 
-/// A finished build: the spec, the steps, and a mounted view of the target's tree.
+/// A finished build: the spec, the steps, and the target's layers.
 pub struct Built {
     /// The IR that was built.
     pub lowered: Lowered,
     /// Per step.
     pub steps: Vec<StepReport>,
-    /// The target stage's merged tree (unmounted on drop).
-    pub tree: View,
+    /// The target stage's layers, bottom first ([`Built::mount_tree`] merges them).
+    pub layers: Vec<std::path::PathBuf>,
+    /// Where views are mounted (the cache's file system).
+    scratch: std::path::PathBuf,
     /// The base reference and digest of the target's stage chain.
     pub base: Option<(String, String)>,
     /// The key of the target's last step: the same key, the same tree.
@@ -227,7 +229,7 @@ pub fn build(
         what: "the build",
         source: std::io::Error::other("no stage was built"),
     })?;
-    let tree = View::mount(&target.layers, &cache_dir)?;
+    let layers = target.layers.clone();
     let key = target.key.clone();
     let base = chain_base(&lowered.spec).map(|r| {
         let d = bases.digest_of(&r).unwrap_or_default();
@@ -236,10 +238,20 @@ pub fn build(
     Ok(Built {
         steps: out.steps,
         lowered,
-        tree,
+        layers,
+        scratch: cache_dir,
         base,
         key,
     })
+}
+
+impl Built {
+    /// The target's merged tree, read-only, unmounted on drop. Only when a snapshot is
+    /// made: a cached rebuild that reuses one mounts nothing (an overlay's unmount syncs the
+    /// host's file system, tens of milliseconds).
+    pub fn mount_tree(&self) -> Result<View, PipelineError> {
+        Ok(View::mount(&self.layers, &self.scratch)?)
+    }
 }
 
 /// The image the target's stage chain starts from (`FROM stage` followed to its root).

@@ -323,7 +323,9 @@ pub fn run(args: &CreateArgs, ctx: &Ctx) -> Result<(), CliError> {
         let snap = match found {
             Some(s) => s,
             None => {
-                let s = import(ctx, &reg, built.tree.path(), disk_mb).await?;
+                let tree = built.mount_tree().map_err(|e| pipeline_error(e, &def))?;
+                let s = import(ctx, &reg, tree.path(), disk_mb).await?;
+                drop(tree);
                 reuse.remember(&s.id);
                 s
             }
