@@ -259,7 +259,6 @@ fn sandboxes_are_copy_on_write_and_snapshot_into_a_registrable_image() {
     assert_eq!(rec["runtime"], "namespace");
     assert_eq!(rec["workdir"], "/app/work");
     assert_eq!(rec["user"], "app");
-
     // Files persist between commands; the image's disk is not written.
     let w = kiln(
         h,
@@ -353,6 +352,29 @@ fn sandboxes_are_copy_on_write_and_snapshot_into_a_registrable_image() {
     assert!(out.starts_with("changed\nnew\n"), "{out}");
     assert!(out.contains("No such file"), "{out}");
     assert!(out.ends_with("1\n"), "one lost+found: {out}");
+
+    // The sandbox's snapshot cannot be removed from under it (here: once no name uses it).
+    let snap = built["snapshot_id"].as_str().expect("snapshot id");
+    let other = build(h, "app-other", "FROM kiln/busybox\nRUN true\n");
+    let moved = kiln(
+        h,
+        &[
+            "image",
+            "register",
+            "app",
+            other["snapshot_id"].as_str().expect("id"),
+        ],
+    );
+    assert_eq!(moved.code, 0, "{}", moved.stderr);
+    let rm = kiln(h, &["snapshot", "rm", snap, "--json"]);
+    assert_eq!(rm.code, 4, "{} {}", rm.out(), rm.stderr);
+    assert_eq!(
+        rm.json()["error"]["code"],
+        "snapshot_in_use",
+        "{}",
+        rm.out()
+    );
+    assert!(std::path::Path::new(&disk).is_file());
 
     let rm = kiln(h, &["sbx", "rm", &id, "--json"]);
     assert_eq!(rm.code, 0, "{}", rm.stderr);

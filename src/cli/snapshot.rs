@@ -212,6 +212,17 @@ async fn run_async(cmd: &SnapshotCommand, ctx: &Ctx) -> Result<(), CliError> {
             ctx.out.result(&snapshot_text(&rec), &snapshot_json(&rec))
         }
         SnapshotCommand::Rm { snapshot } => {
+            // A sandbox's root stands on its snapshot (an overlay over its disk, or a qcow2
+            // clone backed by it): removing it would pull the ground from under the sandbox.
+            let sandboxes = crate::sbx::Sandboxes::open(&ctx.home()?)?;
+            if let Some(sbx) = sandboxes.all()?.iter().find(|r| &r.snapshot_id == snapshot) {
+                return Err(CliError::new(
+                    Exit::Conflict,
+                    "snapshot_in_use",
+                    format!("snapshot {snapshot} is the root of sandbox {}", sbx.id),
+                    Some(format!("`kiln sbx rm {}` first", sbx.id)),
+                ));
+            }
             let reg = open_registry(ctx).await?;
             let store = open_store(ctx)?;
             let rec = reg.snapshot_remove(snapshot, Removal::Unnamed).await?;
