@@ -20,7 +20,9 @@ fn example(name: &str) -> String {
         .to_string()
 }
 
-/// `image create examples/NAME`; returns the create JSON and the disk.
+/// `image create examples/NAME`; returns the create JSON and the disk. The builder gets
+/// 2 GiB of scratch whatever the image's size: multistage's build stage installs gcc into a
+/// stage whose output is a 64 MiB image (`--builder_disk_mb` is enforced).
 fn create(home: &Path, name: &str, disk_mb: u64) -> (Value, PathBuf) {
     let v = kiln(
         home,
@@ -31,6 +33,8 @@ fn create(home: &Path, name: &str, disk_mb: u64) -> (Value, PathBuf) {
             &example(name),
             "--disk_mb",
             &disk_mb.to_string(),
+            "--builder_disk_mb",
+            "2048",
         ],
     )
     .ok();
