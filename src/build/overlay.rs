@@ -342,8 +342,10 @@ fn unescape_mountinfo(field: &str) -> std::path::PathBuf {
 }
 
 /// Unmounts every mount of this mount namespace at or below `dir`, deepest first (lazily when
-/// busy): what a killed process left mounted there. Returns how many.
+/// busy): what a killed process left mounted there. Returns how many. `dir` is resolved
+/// first (mountinfo holds canonical paths), so a relative or symlinked path finds them too.
 pub fn unmount_under(dir: &Path) -> io::Result<usize> {
+    let dir = &std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     let mut points: Vec<PathBuf> = info
         .lines()

@@ -203,8 +203,7 @@ async fn run_async(args: &GcArgs, ctx: &Ctx) -> Result<(), CliError> {
             }
             let p = e.path();
             // A killed build's scratch disk is still mounted in its directory.
-            let real = std::fs::canonicalize(&p).unwrap_or_else(|_| p.clone());
-            crate::build::overlay::unmount_under(&real).map_err(|e| io(&p, e))?;
+            crate::build::overlay::unmount_under(&p).map_err(|e| io(&p, e))?;
             freed += size_of(&p);
             remove_path(&p).map_err(|e| io(&p, e))?;
             files.push(p);

@@ -676,7 +676,7 @@ impl Sandboxes {
                 Err(_) => continue,
             }
             // A killed run leaves its overlay mounted in the sandbox's directory.
-            let dir = fs::canonicalize(e.path()).unwrap_or_else(|_| e.path());
+            let dir = e.path();
             crate::build::overlay::unmount_under(&dir).map_err(io_err("unmount", &dir))?;
             fs::remove_dir_all(&dir).map_err(io_err("remove", &dir))?;
             n += 1;

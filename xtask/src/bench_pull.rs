@@ -128,10 +128,9 @@ pub(crate) fn fresh_dir(dir: &Path) -> Result<(), String> {
     if !dir.exists() {
         return Ok(());
     }
-    let real = std::fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    kiln::build::overlay::unmount_under(&real)
-        .map_err(|e| format!("unmount under {}: {e}", real.display()))?;
-    std::fs::remove_dir_all(&real).map_err(|e| format!("remove {}: {e}", real.display()))
+    kiln::build::overlay::unmount_under(dir)
+        .map_err(|e| format!("unmount under {}: {e}", dir.display()))?;
+    std::fs::remove_dir_all(dir).map_err(|e| format!("remove {}: {e}", dir.display()))
 }
 
 pub(crate) fn median(v: &[Duration]) -> Duration {
