@@ -4,7 +4,9 @@
 use std::ffi::OsStr;
 use std::path::Path;
 
-/// Runs `mount(8)` or `umount(8)` with `args`; `Err` holds the tool's message.
+/// Runs the host program `args[0]` with the rest as its arguments and stdin empty; `Err`
+/// holds its stderr (or why it could not run). For tools whose own message is the best
+/// explanation of a failure: `mount`, `umount`, `qemu-img`.
 pub fn tool(args: &[&OsStr]) -> Result<(), String> {
     let (tool, rest) = args.split_first().ok_or_else(|| "no command".to_string())?;
     let out = std::process::Command::new(tool)

@@ -7,7 +7,6 @@
 
 use super::VmError;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 /// `qemu-img` on `PATH`.
 pub fn qemu_img() -> Result<PathBuf, VmError> {
@@ -17,22 +16,13 @@ pub fn qemu_img() -> Result<PathBuf, VmError> {
 }
 
 fn run(args: &[&std::ffi::OsStr], what: &str) -> Result<(), VmError> {
-    let out = Command::new(qemu_img()?)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(VmError::prepare(format!("run qemu-img to {what}")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(VmError::Prepare {
-            what: what.to_string(),
-            source: std::io::Error::other(format!(
-                "qemu-img: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )),
-        })
-    }
+    let qemu_img = qemu_img()?;
+    let mut all = vec![qemu_img.as_os_str()];
+    all.extend_from_slice(args);
+    crate::mount::tool(&all).map_err(|detail| VmError::Prepare {
+        what: what.to_string(),
+        source: std::io::Error::other(format!("qemu-img: {detail}")),
+    })
 }
 
 /// Writes `out`, a qcow2 clone of the raw disk `backing` (which must stay where it is).
