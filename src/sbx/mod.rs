@@ -273,6 +273,9 @@ pub struct Record {
 #[derive(Debug, Clone)]
 pub struct Sandboxes {
     home: Home,
+    /// The microVM runtime, made on first use and shared by every clone (`sbx run` checks it
+    /// at launch and runs on it at exec: QEMU, the KVM probe and the initramfs once).
+    vm: std::sync::Arc<std::sync::OnceLock<MicrovmDriver>>,
     root: PathBuf,
     mounts: PathBuf,
 }
@@ -323,6 +326,7 @@ impl Sandboxes {
         };
         Ok(Sandboxes {
             home: home.clone(),
+            vm: Default::default(),
             root: dir("sandboxes-v1")?,
             mounts: dir("mnt-v1")?,
         })
@@ -334,12 +338,16 @@ impl Sandboxes {
 
     /// The microVM runtime: QEMU, the kernel, the initramfs (a sandbox needs no scratch disk
     /// of a builder's size).
-    fn vm(&self) -> Result<MicrovmDriver> {
+    fn vm(&self) -> Result<&MicrovmDriver> {
+        if let Some(d) = self.vm.get() {
+            return Ok(d);
+        }
         let opts = MicrovmOptions {
             scratch_mb: 64,
             ..MicrovmOptions::default()
         };
-        Ok(MicrovmDriver::new(&self.home, opts)?)
+        let made = MicrovmDriver::new(&self.home, opts)?;
+        Ok(self.vm.get_or_init(|| made))
     }
 
     /// The read-only mount of a snapshot's disk, mounting it first if needed.
