@@ -723,25 +723,13 @@ impl Loop<'_, '_> {
                     let run_upper = on_disk.path().join("upper");
                     std::fs::create_dir(&run_upper).map_err(io("use the scratch disk"))?;
                     inherit_root_attrs(layers, &run_upper).map_err(io("use the scratch disk"))?;
-                    let ran = self.run(run, layers, &run_upper, number, instruction);
-                    let ran = match ran {
-                        Err(BuildError::StepFailed {
-                            step,
-                            instruction,
-                            code,
-                            why: "",
-                            tail,
-                        }) if self.disk.as_ref().is_some_and(ScratchDisk::full) => {
-                            Err(BuildError::StepFailed {
-                                step,
-                                instruction,
-                                code,
-                                why: " (the builder's scratch disk is full: raise --builder_disk_mb)",
-                                tail,
-                            })
-                        }
-                        other => other,
-                    };
+                    let mut ran = self.run(run, layers, &run_upper, number, instruction);
+                    if let Err(BuildError::StepFailed { why, .. }) = &mut ran
+                        && why.is_empty()
+                        && self.disk.as_ref().is_some_and(ScratchDisk::full)
+                    {
+                        *why = " (the builder's scratch disk is full: raise --builder_disk_mb)";
+                    }
                     ran?;
                     move_layer(&run_upper, &upper)
                         .map_err(io("move the step's layer into the cache"))?;

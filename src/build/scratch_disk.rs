@@ -62,11 +62,6 @@ impl ScratchDisk {
         &self.mnt
     }
 
-    /// Its size, MiB.
-    pub fn mb(&self) -> u64 {
-        self.mb
-    }
-
     /// Less than 1 MiB is free (what a step that failed for space leaves).
     pub fn full(&self) -> bool {
         nix::sys::statvfs::statvfs(&self.mnt)

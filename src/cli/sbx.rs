@@ -336,12 +336,10 @@ fn exec_in(
         ))),
         Err(SbxError::Driver(DriverError::Exec(e))) if e.start_failure_code().is_some() => {
             let code = e.start_failure_code().unwrap_or(126);
-            let (kind, message) = match std::error::Error::source(&e) {
-                _ if matches!(e, ExecError::NotFound { .. }) => {
-                    ("command_not_found", e.to_string())
-                }
-                Some(s) => ("command_not_executable", format!("{e}: {s}")),
-                None => ("command_not_executable", e.to_string()),
+            let (kind, message) = match (&e, std::error::Error::source(&e)) {
+                (ExecError::NotFound { .. }, _) => ("command_not_found", e.to_string()),
+                (_, Some(s)) => ("command_not_executable", format!("{e}: {s}")),
+                (_, None) => ("command_not_executable", e.to_string()),
             };
             Ok(Err((
                 code,
