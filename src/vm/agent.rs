@@ -35,6 +35,32 @@ pub const BUILD_ARGS: &[&str] = &[
 /// The file name of the agent.
 pub const FILE_NAME: &str = "kiln-agent";
 
+/// Builds the agent with `cargo` ([`BUILD_ARGS`]) from the package in `package_dir` into
+/// `target/agent/kiln-agent`, checks it is static, and returns its path (`cargo xtask agent`,
+/// and the VM tests, which build it into a target directory of their own).
+pub fn build(
+    cargo: &std::ffi::OsStr,
+    package_dir: &Path,
+    target: &Path,
+) -> Result<PathBuf, String> {
+    let out = std::process::Command::new(cargo)
+        .args(BUILD_ARGS)
+        .env("CARGO_TARGET_DIR", target)
+        .current_dir(package_dir)
+        .output()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "building kiln-agent failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let path = target.join("agent").join(FILE_NAME);
+    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    check_static(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(path)
+}
+
 /// Finds the agent and checks it is a static x86-64 executable.
 pub fn locate() -> Result<PathBuf, VmError> {
     let mut tried = Vec::new();

@@ -6,7 +6,6 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 /// `image create` flags for a small builder VM: one vCPU, 512 MiB, a 256 MiB scratch disk.
@@ -27,21 +26,8 @@ pub fn agent() -> &'static Path {
     AGENT.get_or_init(|| {
         let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("agent-target");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = Command::new(cargo)
-            .args(kiln::vm::agent::BUILD_ARGS)
-            .env("CARGO_TARGET_DIR", &target)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .expect("cargo runs");
-        assert!(
-            out.status.success(),
-            "building kiln-agent failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let path = target.join("agent").join(kiln::vm::agent::FILE_NAME);
-        let bytes = std::fs::read(&path).expect("the agent was built");
-        kiln::vm::agent::check_static(&bytes).expect("the agent is static");
-        path
+        kiln::vm::agent::build(&cargo, Path::new(env!("CARGO_MANIFEST_DIR")), &target)
+            .unwrap_or_else(|e| panic!("{e}"))
     })
 }
 

@@ -3,27 +3,16 @@
 //! arguments the library defines ([`kiln::vm::agent::BUILD_ARGS`]), and checks it is static.
 
 use std::path::PathBuf;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 
 /// Builds the agent; returns its path.
 pub fn build() -> Result<PathBuf, String> {
     let root = crate::bench_build::repo_root();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(&root)
-        .args(kiln::vm::agent::BUILD_ARGS)
-        .status()
-        .map_err(|e| format!("cargo: {e}"))?;
-    if !status.success() {
-        return Err(format!("building kiln-agent failed: {status}"));
-    }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
-    let path = target.join("agent").join(kiln::vm::agent::FILE_NAME);
-    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    kiln::vm::agent::check_static(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(path)
+    kiln::vm::agent::build(&cargo, &root, &target)
 }
 
 /// `cargo xtask agent`.
