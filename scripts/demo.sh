@@ -8,14 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-missing=()
-for p in busybox-static e2fsprogs mmdebstrap util-linux mount; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 "${missing[@]}"
-fi
+. scripts/need-pkgs.sh
+need_pkgs busybox-static e2fsprogs mmdebstrap util-linux mount
 
 cargo build --release -q --bin kiln
 export KILN_HOME="${KILN_HOME:-$PWD/target/demo-home}"

@@ -6,19 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages the tests use (they fail loudly when one is missing; this installs them).
-need_pkgs=(golang-go git golang-github-moby-patternmatcher-dev e2fsprogs mmdebstrap util-linux mount tar busybox-static file docker-registry skopeo umoci apache2-utils openssl buildah qemu-system-x86 qemu-utils linux-image-cloud-amd64)
-missing=()
-for p in "${need_pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  if [ "$(id -u)" != 0 ]; then
-    echo "test.sh: run as root, or install: ${missing[*]}" >&2
-    exit 5
-  fi
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 "${missing[@]}"
-fi
+. scripts/need-pkgs.sh
+need_pkgs golang-go git golang-github-moby-patternmatcher-dev e2fsprogs mmdebstrap util-linux mount \
+  tar busybox-static file docker-registry skopeo umoci apache2-utils openssl buildah \
+  qemu-system-x86 qemu-utils linux-image-cloud-amd64
 
 if [ ! -f ../shared/conformance/buildkit/README.md ] && [ -z "${KILN_CONFORMANCE_DIR:-}" ]; then
   echo "test.sh: ../shared/conformance/buildkit is missing: clone kiln beside shared/" >&2
