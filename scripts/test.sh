@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 # System packages the tests use (they fail loudly when one is missing; this installs them).
 . scripts/need-pkgs.sh
 need_pkgs golang-go git golang-github-moby-patternmatcher-dev e2fsprogs mmdebstrap util-linux mount \
-  tar busybox-static file docker-registry skopeo umoci apache2-utils openssl buildah \
+  tar busybox-static file xxd docker-registry skopeo umoci apache2-utils openssl buildah \
   qemu-system-x86 qemu-utils linux-image-cloud-amd64
 
 if [ ! -f ../shared/conformance/buildkit/README.md ] && [ -z "${KILN_CONFORMANCE_DIR:-}" ]; then

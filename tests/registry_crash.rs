@@ -146,7 +146,7 @@ fn sigkill_at_random_moments_of_import_and_register_never_leaves_a_broken_name_a
                     path.display()
                 );
                 assert_eq!(
-                    &sha256_file(&path),
+                    &disk_digest(&path),
                     sha256,
                     "{}: the disk is not what was recorded",
                     img.name
@@ -177,7 +177,7 @@ fn sigkill_at_random_moments_of_import_and_register_never_leaves_a_broken_name_a
             match &s.state {
                 SnapshotState::Completed { uri, sha256, .. } => {
                     let path = kiln::snapshot::store::uri_path(uri).expect("file uri");
-                    assert_eq!(&sha256_file(&path), sha256);
+                    assert_eq!(&disk_digest(&path), sha256);
                     ids.push(s.id.to_string());
                 }
                 SnapshotState::Pending | SnapshotState::Failed { .. } => {
@@ -249,7 +249,7 @@ fn gc_running_beside_imports_never_takes_their_work() {
     for (id, sha) in &made {
         let disk = disk_of(&home, id);
         assert!(disk.is_file(), "gc took {id}");
-        assert_eq!(&sha256_file(&disk), sha);
+        assert_eq!(&disk_digest(&disk), sha);
         assert_eq!(
             kiln(&home, "p", &["snapshot", "describe", id]).ok()["status"],
             "Completed"

@@ -19,7 +19,11 @@ fn imported_disk_keeps_owners_modes_xattrs_links_devices_fifos_sockets_and_holes
     let (id, sha) = import(&t.path().join("home"), &src, 256);
     let disk = disk_of(&t.path().join("home"), &id);
     fsck(&disk);
-    assert_eq!(sha256_file(&disk), sha, "the recorded sha256 is the file's");
+    assert_eq!(
+        disk_digest(&disk),
+        sha,
+        "the recorded sha256 is the file's digest"
+    );
     let m = Mounted::new(&disk);
     let want = walk(&src);
     let got = walk(m.dir.path());
@@ -57,7 +61,7 @@ fn importing_the_same_tree_twice_gives_the_same_sha256() {
     let (b, sha_b) = import(&h, &src, 128);
     assert_ne!(a, b);
     assert_eq!(sha_a, sha_b);
-    assert_eq!(sha256_file(&disk_of(&h, &b)), sha_b);
+    assert_eq!(disk_digest(&disk_of(&h, &b)), sha_b);
     // Another home, another time: still the same bytes.
     let (_, sha_c) = import(&t.path().join("home2"), &src, 128);
     assert_eq!(sha_a, sha_c);
@@ -110,6 +114,26 @@ fn disk_is_sparse_sized_to_disk_mb_and_described_as_cli_md_says() {
         ]
     );
     assert_eq!(v["sha256"], sha);
+    // The README's check of the digest, with coreutils and xxd.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("split -b 4M --filter=sha256sum \"$1\" | cut -c1-64 | xxd -r -p | sha256sum")
+        .arg("sh")
+        .arg(&disk)
+        .output()
+        .expect("sh (xxd: apt-get install xxd)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next(),
+        Some(sha.as_str()),
+        "the README's shell check of the digest"
+    );
     assert_eq!(v["disk_mb"], 2048);
     assert_eq!(v["size_bytes"], md.blocks() * 512);
     assert_eq!(v["parent"], serde_json::Value::Null);

@@ -8,10 +8,12 @@
 //! the next image differ); the superblock times are `SOURCE_DATE_EPOCH` when given, else the
 //! newest mtime. With an epoch, newer mtimes are clamped to it.
 //!
-//! The sha256 is of the whole disk file, holes included, computed in the same pass: mkext4
-//! emits every metadata byte first and then file data at ascending offsets, so the hasher keeps
-//! the out-of-order metadata (a few MB) until the data before it has streamed by.
+//! The digest ([`super::digest`]: SHA-256 over each 4 MiB block's SHA-256) is of the whole disk
+//! file, holes included, computed in the same pass: mkext4 emits every metadata byte first and
+//! then file data at ascending offsets, so the hasher keeps the out-of-order metadata (a few MB)
+//! until the data before it has streamed by. A hole of whole blocks costs one update.
 
+use super::digest::BlockDigest;
 use super::tree::{Data, Dir, Kind, Meta, Node, Source, Tree};
 use super::{MAX_DISK_MB, SnapshotError};
 use mkext4::{FsBuilder, InodeCount, InodeHandle, RegionSink, SparseSeg, SpecialKind};
@@ -34,7 +36,7 @@ pub struct WriteOptions {
 /// What a written disk is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskInfo {
-    /// sha256 of the whole file, lowercase hex.
+    /// The block digest of the whole file ([`super::digest`]), lowercase hex.
     pub sha256: String,
     /// Bytes allocated on the host (the file is sparse).
     pub size_bytes: u64,
@@ -537,12 +539,10 @@ struct HashingSink<'f> {
     len: u64,
     /// False only when measuring the write alone.
     digest: bool,
-    hasher: Sha256,
+    hasher: BlockDigest,
     cursor: u64,
     queued: BTreeMap<u64, Region>,
 }
-
-static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
 
 impl<'f> HashingSink<'f> {
     fn new(file: &'f File, len: u64, digest: bool) -> Self {
@@ -550,17 +550,9 @@ impl<'f> HashingSink<'f> {
             file,
             len,
             digest,
-            hasher: Sha256::new(),
+            hasher: BlockDigest::new(),
             cursor: 0,
             queued: BTreeMap::new(),
-        }
-    }
-
-    fn hash_zeros(&mut self, mut len: u64) {
-        while len > 0 {
-            let n = len.min(ZEROS.len() as u64) as usize;
-            self.hasher.update(&ZEROS[..n]);
-            len -= n as u64;
         }
     }
 
@@ -575,7 +567,7 @@ impl<'f> HashingSink<'f> {
                     self.cursor += b.len() as u64;
                 }
                 Region::Zeros(n) => {
-                    self.hash_zeros(n);
+                    self.hasher.zeros(n);
                     self.cursor += n;
                 }
             }
@@ -592,7 +584,7 @@ impl<'f> HashingSink<'f> {
         Ok(())
     }
 
-    /// The sha256 of the whole image; an error if some byte was never emitted.
+    /// The digest of the whole image; an error if some byte was never emitted.
     fn finish(self) -> std::io::Result<String> {
         if !self.digest {
             return Ok(String::new());
@@ -603,7 +595,7 @@ impl<'f> HashingSink<'f> {
                 self.cursor
             )));
         }
-        Ok(hex::encode(self.hasher.finalize()))
+        Ok(self.hasher.finish())
     }
 }
 
@@ -631,7 +623,7 @@ impl RegionSink for HashingSink<'_> {
             return Ok(());
         }
         if offset == self.cursor {
-            self.hash_zeros(len);
+            self.hasher.zeros(len);
             self.cursor += len;
             self.drain();
         } else {

@@ -15,6 +15,7 @@
 //! sockets, and the kernel stamps ctimes with the wall clock, so it cannot be reproducible.
 //! The numbers are in the report of `cargo xtask bench snapshot`.
 
+pub mod digest;
 pub mod export;
 pub mod ext4;
 pub mod store;
@@ -30,8 +31,7 @@ pub use tree::Tree;
 /// The default size of a root disk, in MiB (CLI.md: `--disk_mb`, default 10240).
 pub const DEFAULT_DISK_MB: u64 = 10240;
 
-/// The largest disk Kiln makes, in MiB (1 TiB): mkext4 writes no 64bit feature, and hashing a
-/// bigger sparse disk would take minutes.
+/// The largest disk Kiln makes, in MiB (1 TiB): mkext4 writes no 64bit feature.
 pub const MAX_DISK_MB: u64 = 1 << 20;
 
 /// A snapshot's id: `snap_` followed by a ULID (26 Crockford base-32 characters, uppercase).
@@ -81,7 +81,7 @@ pub enum SnapshotState {
     Completed {
         /// A durable URI of the disk (`file:///…/disk.ext4` locally).
         uri: String,
-        /// sha256 of the whole disk file, lowercase hex.
+        /// The block digest of the whole disk file ([`digest`]), lowercase hex.
         sha256: String,
         /// Bytes the disk occupies on the host (allocated blocks; the file is sparse).
         size_bytes: u64,
