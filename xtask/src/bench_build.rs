@@ -416,7 +416,7 @@ fn run(args: &BenchBuildArgs) -> Result<(), String> {
     );
     println!("  changed file: {} of {} steps cached", steps.2, steps.3);
     println!(
-        "  kiln snapshot import of an empty tree: {} at 10240 MiB, {} at 64 MiB (the sha256 of the whole disk)",
+        "  kiln snapshot import of an empty tree: {} at 10240 MiB, {} at 64 MiB (what the disk size alone costs)",
         secs(floor[0]),
         secs(floor[1])
     );
