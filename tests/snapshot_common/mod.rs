@@ -113,7 +113,6 @@ pub fn require_root() {
     );
 }
 
-/// sha256 of a file, hex.
 /// A disk's digest by its plain definition (README: SHA-256 over the SHA-256 of each 4 MiB
 /// block, the last one shorter), read byte by byte with no knowledge of holes: the oracle for
 /// the digest Kiln computes while it writes.
@@ -122,26 +121,23 @@ pub fn disk_digest(p: &Path) -> String {
     use std::io::Read;
     let mut f = std::fs::File::open(p).expect("open");
     let mut outer = sha2::Sha256::new();
-    let mut block = vec![0u8; 4 << 20];
+    let mut block = Vec::with_capacity(4 << 20);
     loop {
-        let mut n = 0;
-        while n < block.len() {
-            match f.read(&mut block[n..]).expect("read") {
-                0 => break,
-                k => n += k,
-            }
-        }
-        if n == 0 {
+        block.clear();
+        if (&mut f)
+            .take(4 << 20)
+            .read_to_end(&mut block)
+            .expect("read")
+            == 0
+        {
             break;
         }
-        outer.update(sha2::Sha256::digest(&block[..n]));
-        if n < block.len() {
-            break;
-        }
+        outer.update(sha2::Sha256::digest(&block));
     }
     hex::encode(outer.finalize())
 }
 
+/// sha256 of a file, hex.
 pub fn sha256_file(p: &Path) -> String {
     use sha2::Digest;
     use std::io::Read;
